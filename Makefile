@@ -1,0 +1,35 @@
+# Chunkyard: `make run` starts a server on ./data (created on first run), `make test` installs
+# everything the tests need from nothing and runs them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ./data
+LISTEN ?= 127.0.0.1:8420
+
+.PHONY: run test lint bench system-deps clean
+
+$(BIN)/chunkyard: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/chunkyard
+	@test -f $(DATA)/repo.toml || $(BIN)/chunkyard init --data $(DATA)
+	$(BIN)/chunkyard serve --data $(DATA) --listen $(LISTEN)
+
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+test: $(BIN)/chunkyard system-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(BIN)/chunkyard
+	$(BIN)/ruff check .
+
+bench: $(BIN)/chunkyard
+	$(BIN)/python -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

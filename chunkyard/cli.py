@@ -1,0 +1,270 @@
+"""`chunkyard`: the one command for the server, its administration and its catalog."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from chunkyard import __version__
+from chunkyard.config import ConfigError, load_config
+from chunkyard.units import format_size, parse_size
+from chunkyard.wire import ApiError, Client
+
+DEFAULT_SERVER = "http://127.0.0.1:8420"
+ROLES = ("admin", "collector", "reader")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _token_file_fallback() -> str | None:
+    path = Path("data/admin.token")
+    return path.read_text().strip() if path.exists() else None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token or os.environ.get("CHUNKYARD_TOKEN") or _token_file_fallback()
+    if not token:
+        raise UserError("no token: pass --token, set CHUNKYARD_TOKEN, or run from the directory holding "
+                        "data/admin.token (written by `chunkyard init`)")
+    return Client(args.server or os.environ.get("CHUNKYARD_SERVER") or DEFAULT_SERVER, token)
+
+
+def _call(args: argparse.Namespace, fn: Callable[[Client], Coroutine[Any, Any, Any]]) -> Any:
+    async def go() -> Any:
+        async with _client(args) as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(go())
+    except ApiError as e:
+        hint = {401: " (check --token / CHUNKYARD_TOKEN)", 403: " (this token's role may not do that)"}
+        raise UserError(f"server said: {e.message}{hint.get(e.status, '')}") from None
+    except OSError as e:
+        raise UserError(f"cannot reach the server: {e} (is `chunkyard serve` running? --server / "
+                        "CHUNKYARD_SERVER)") from None
+
+
+def _print(args: argparse.Namespace, value: Any, table: Callable[[Any], None]) -> None:
+    if args.json:
+        print(json.dumps(value, indent=2))
+    else:
+        table(value)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from repo_server.engine import Repository, init_repository
+
+    data = Path(args.data)
+    desc = init_repository(data, parse_size(args.chunk_size))
+    repo = Repository(data)
+    try:
+        token, _ = repo.tokens.create("admin", "initial admin")
+    finally:
+        repo.close()
+    token_path = data / "admin.token"
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"Initialised repository {desc.repository_id} in {data} (chunk size {format_size(desc.chunk_size)}).")
+    print(f"Admin token (shown once; also saved to {token_path}, mode 0600):\n\n    {token}\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from repo_server.server import serve
+
+    config = load_config(Path(args.config) if args.config else None,
+                         data=Path(args.data) if args.data else None, listen=args.listen)
+    if not (config.data / "repo.toml").exists():
+        raise UserError(f"{config.data} holds no repository: create one with `chunkyard init --data {config.data}`")
+    asyncio.run(serve(config))
+
+
+def cmd_repair(args: argparse.Namespace) -> None:
+    from repo_server.engine import rebuild_index
+
+    if not args.rebuild_index:
+        raise UserError("say what to repair: --rebuild-index")
+    print(f"Rebuilding the index of {args.data} from its packs and point files...")
+    result = rebuild_index(Path(args.data))
+    print(f"Done: {result['packs_scanned']} packs, {result['chunks']} chunks, {result['points']} points, "
+          f"{result['tokens_kept']} tokens kept.")
+    if not result["tokens_kept"]:
+        print("No tokens survived: create an admin token with "
+              f"`chunkyard token create --role admin --data {args.data}`.")
+
+
+def _offline_repo(args: argparse.Namespace) -> Any:
+    from repo_server.engine import Repository
+
+    return Repository(Path(args.data))
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    if args.data:
+        repo = _offline_repo(args)
+        try:
+            token, info = repo.tokens.create(args.role, args.name)
+            result = info.public() | {"token": token}
+        finally:
+            repo.close()
+    else:
+        result = _call(args, lambda c: c.create_token(args.role, args.name))
+    _print(args, result, lambda r: print(f"Created {r['role']} token {r['id']} ({r['name'] or 'unnamed'}); "
+                                         f"shown once:\n\n    {r['token']}\n"))
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    if args.data:
+        repo = _offline_repo(args)
+        try:
+            tokens = [t.public() for t in repo.tokens.list()]
+        finally:
+            repo.close()
+    else:
+        tokens = _call(args, lambda c: c.tokens())
+
+    def table(rows: list[dict]) -> None:
+        print(f"{'ID':<18}{'ROLE':<11}{'CREATED':<21}NAME")
+        for t in rows:
+            print(f"{t['id']:<18}{t['role']:<11}{_when(t['created']):<21}{t['name']}")
+
+    _print(args, tokens, table)
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    if args.data:
+        repo = _offline_repo(args)
+        try:
+            repo.tokens.revoke(args.token_id)
+        finally:
+            repo.close()
+    else:
+        _call(args, lambda c: c.revoke_token(args.token_id))
+    print(f"Revoked token {args.token_id}.")
+
+
+def cmd_vms(args: argparse.Namespace) -> None:
+    def table(vms: list[dict]) -> None:
+        print(f"{'VM ID':<38}{'NAME':<24}{'HOST':<18}{'POINTS':>7}  LATEST")
+        for v in vms:
+            print(f"{v['id']:<38}{v.get('name', ''):<24.24}{v.get('host', ''):<18.18}{v['points']:>7}  "
+                  f"{v.get('latest_point', '-')} ({_when(v.get('latest_time'))})")
+
+    _print(args, _call(args, lambda c: c.vms()), table)
+
+
+def cmd_points(args: argparse.Namespace) -> None:
+    def table(points: list[dict]) -> None:
+        print(f"{'POINT':<22}{'CREATED':<21}{'CONSISTENCY':<13}{'DISKS':>5}{'SIZE':>12}{'CHANGED':>12}{'NEW':>12}")
+        for p in points:
+            size = sum(d["size"] for d in p["disks"])
+            s = p["stats"]
+            print(f"{p['point_id']:<22}{_when(p['created']):<21}{p['consistency']:<13}{len(p['disks']):>5}"
+                  f"{format_size(size):>12}{format_size(s['changed_bytes']):>12}{format_size(s['new_bytes']):>12}")
+
+    _print(args, _call(args, lambda c: c.points(args.vm)), table)
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    def table(s: dict) -> None:
+        for key, value in s.items():
+            shown = format_size(value) if key.endswith("_bytes") or key == "chunk_size" else value
+            print(f"{key:<20}{shown}")
+
+    _print(args, _call(args, lambda c: c.repository()), table)
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chunkyard",
+        description="Chunkyard: deduplicating backup repository for Hyper-V fleets.",
+        epilog="Quick start: `chunkyard init --data ./data`, then `chunkyard serve --data ./data`. "
+               "Client commands read CHUNKYARD_SERVER (default http://127.0.0.1:8420) and CHUNKYARD_TOKEN.",
+    )
+    parser.add_argument("--version", action="version", version=f"chunkyard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help="server URL (default: $CHUNKYARD_SERVER or http://127.0.0.1:8420)")
+        p.add_argument("--token", help="API token (default: $CHUNKYARD_TOKEN, else ./data/admin.token)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("init", help="create a repository and its first admin token")
+    p.add_argument("--data", default="./data", help="repository directory (default ./data)")
+    p.add_argument("--chunk-size", default="1MiB", help="chunk size for life: 256KiB..8MiB, power of two (1MiB)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", help="run the repository server")
+    p.add_argument("--data", help="repository directory (default ./data)")
+    p.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8420)")
+    p.add_argument("--config", help="TOML file with a [server] table (see README)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="create, list or revoke API tokens")
+    tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    for name, func, text in (("create", cmd_token_create, "create a token (shown once)"),
+                             ("list", cmd_token_list, "list tokens"),
+                             ("revoke", cmd_token_revoke, "revoke a token by id")):
+        tp = tsub.add_parser(name, help=text)
+        client_args(tp)
+        tp.add_argument("--data", help="work on a stopped server's repository directory instead of over HTTP")
+        if name == "create":
+            tp.add_argument("--role", required=True, choices=ROLES)
+            tp.add_argument("--name", default="", help="what the token is for, e.g. the collector's host")
+        if name == "revoke":
+            tp.add_argument("token_id")
+        tp.set_defaults(func=func)
+
+    p = sub.add_parser("vms", help="list VMs that have restore points")
+    client_args(p)
+    p.set_defaults(func=cmd_vms)
+
+    p = sub.add_parser("points", help="list the restore points of a VM")
+    p.add_argument("vm", help="VM id")
+    client_args(p)
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("stats", help="repository size, dedup and compression")
+    client_args(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("repair", help="offline repairs of a stopped server's repository")
+    p.add_argument("--data", default="./data", help="repository directory (default ./data)")
+    p.add_argument("--rebuild-index", action="store_true", help="rebuild the index from packs and point files")
+    p.set_defaults(func=cmd_repair)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from repo_server.engine import EngineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, ConfigError, ValueError, EngineError) as e:
+        print(f"chunkyard: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The wire contract shared by collectors, the CLI, tests and the server.
+
+Digests, the upload frame codec, the `missing` bitmap, map records, and an async
+API client. Everything binary is little-endian (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import blake3
+import zstandard
+
+DIGEST_LEN = 32
+ZERO = bytes(DIGEST_LEN)
+"""Sentinel digest of an all-zero chunk: never stored, never uploaded."""
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODECS = (CODEC_RAW, CODEC_ZSTD)
+
+FRAME_HEADER = struct.Struct("<32sBII")
+"""Upload frame header: digest[32] codec u8 raw_len u32 stored_len u32, then the payload."""
+
+MAP_RECORD = struct.Struct("<Q32s")
+"""Map record: chunk_index u64 digest[32]."""
+
+MAX_MISSING_QUERY = 65536
+MAX_CHUNK_BODY = 64 * 1024 * 1024
+API_PREFIX = "/api/v1"
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """BLAKE3-256 of a chunk's uncompressed bytes."""
+    return blake3.blake3(data).digest()
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """True when every byte is zero (fast path: compare against a zero buffer)."""
+    return not any(data) if len(data) < 64 else data == bytes(len(data))
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One chunk as it travels in an upload body."""
+
+    digest: bytes
+    codec: int
+    raw_len: int
+    payload: bytes | memoryview
+
+
+class FrameError(ValueError):
+    """A malformed upload body; the message says which frame and why."""
+
+
+def encode_frame(frame: Frame) -> bytes:
+    return FRAME_HEADER.pack(frame.digest, frame.codec, frame.raw_len, len(frame.payload)) + bytes(
+        frame.payload
+    )
+
+
+def encode_frames(frames: Iterable[Frame]) -> bytes:
+    return b"".join(encode_frame(f) for f in frames)
+
+
+def decode_frames(body: bytes | memoryview) -> list[Frame]:
+    """Split an upload body into frames, checking only the framing itself."""
+    view = memoryview(body)
+    frames: list[Frame] = []
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < FRAME_HEADER.size:
+            raise FrameError(f"frame {len(frames)}: truncated header at byte {pos}")
+        dig, codec, raw_len, stored_len = FRAME_HEADER.unpack_from(view, pos)
+        pos += FRAME_HEADER.size
+        if pos + stored_len > len(view):
+            raise FrameError(
+                f"frame {len(frames)}: payload of {stored_len} bytes runs past the end of the body"
+            )
+        frames.append(Frame(dig, codec, raw_len, view[pos : pos + stored_len]))
+        pos += stored_len
+    return frames
+
+
+def make_frame(data: bytes, compressor: zstandard.ZstdCompressor | None = None) -> Frame:
+    """Build a frame for a chunk, compressed when that makes it smaller."""
+    dig = digest(data)
+    if compressor is not None:
+        packed = compressor.compress(data)
+        if len(packed) < len(data):
+            return Frame(dig, CODEC_ZSTD, len(data), packed)
+    return Frame(dig, CODEC_RAW, len(data), data)
+
+
+def bitmap_get(bitmap: bytes, i: int) -> bool:
+    """Bit i of a `missing` answer (LSB first)."""
+    return bool(bitmap[i >> 3] >> (i & 7) & 1)
+
+
+def encode_map(entries: Iterable[tuple[int, bytes]]) -> bytes:
+    return b"".join(MAP_RECORD.pack(i, d) for i, d in entries)
+
+
+class ApiError(Exception):
+    """An error answer from the server: HTTP status, machine code and a message for humans."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{message} (HTTP {status}, {code})")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Client:
+    """Async client of the Chunkyard HTTP API, used by collectors, the CLI, tests and benchmarks."""
+
+    def __init__(self, server: str, token: str | None = None, *, timeout: float = 600.0):
+        self.base = server.rstrip("/") + API_PREFIX
+        self.token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout, sock_connect=30),
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        resp = await self._session.request(method, self.base + path, **kwargs)
+        if resp.status >= 400:
+            body = await resp.read()
+            resp.release()
+            try:
+                err = json.loads(body)
+                raise ApiError(resp.status, err.get("error", "error"), err.get("message", ""))
+            except (ValueError, AttributeError):
+                raise ApiError(resp.status, "http_error", body[:200].decode("utf-8", "replace")) from None
+        return resp
+
+    async def json(self, method: str, path: str, body: Any = None) -> Any:
+        resp = await self._request(method, path, json=body) if body is not None else await self._request(
+            method, path
+        )
+        async with resp:
+            return await resp.json()
+
+    async def binary(self, method: str, path: str, body: bytes) -> bytes:
+        resp = await self._request(
+            method, path, data=body, headers={"Content-Type": "application/octet-stream"}
+        )
+        async with resp:
+            return await resp.read()
+
+    async def health(self) -> dict:
+        return await self.json("GET", "/health")
+
+    async def repository(self) -> dict:
+        return await self.json("GET", "/repository")
+
+    async def create_session(
+        self,
+        *,
+        host: str,
+        vm: dict,
+        disks: list[dict],
+        base: str | None = "latest",
+        consistency: str = "crash",
+        rct: dict | None = None,
+    ) -> dict:
+        body = {"host": host, "vm": vm, "disks": disks, "base": base, "consistency": consistency,
+                "rct": rct or {}}
+        return await self.json("POST", "/sessions", body)
+
+    async def missing(self, sid: str, digests: Sequence[bytes]) -> bytes:
+        return await self.binary("POST", f"/sessions/{sid}/missing", b"".join(digests))
+
+    async def upload(self, sid: str, frames: Iterable[Frame]) -> dict:
+        resp = await self._request(
+            "POST", f"/sessions/{sid}/chunks", data=encode_frames(frames),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        async with resp:
+            return await resp.json()
+
+    async def map(self, sid: str, disk_id: str, entries: Iterable[tuple[int, bytes]]) -> dict:
+        resp = await self._request(
+            "POST", f"/sessions/{sid}/disks/{disk_id}/map", data=encode_map(entries),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        async with resp:
+            return await resp.json()
+
+    async def put_blob(self, sid: str, name: str, data: bytes) -> dict:
+        resp = await self._request(
+            "PUT", f"/sessions/{sid}/blobs/{name}", data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        async with resp:
+            return await resp.json()
+
+    async def commit(self, sid: str) -> dict:
+        return await self.json("POST", f"/sessions/{sid}/commit")
+
+    async def abort(self, sid: str) -> None:
+        resp = await self._request("DELETE", f"/sessions/{sid}")
+        resp.release()
+
+    async def vms(self) -> list[dict]:
+        return (await self.json("GET", "/vms"))["vms"]
+
+    async def points(self, vm_id: str) -> list[dict]:
+        return (await self.json("GET", f"/vms/{vm_id}/points"))["points"]
+
+    async def point(self, point_id: str) -> dict:
+        return await self.json("GET", f"/points/{point_id}")
+
+    async def delete_point(self, point_id: str) -> None:
+        resp = await self._request("DELETE", f"/points/{point_id}")
+        resp.release()
+
+    async def disk_map(self, point_id: str, disk_id: str) -> bytes:
+        resp = await self._request("GET", f"/points/{point_id}/disks/{disk_id}/map")
+        async with resp:
+            return await resp.read()
+
+    async def blob(self, point_id: str, name: str) -> bytes:
+        resp = await self._request("GET", f"/points/{point_id}/blobs/{name}")
+        async with resp:
+            return await resp.read()
+
+    async def stream_disk(
+        self, point_id: str, disk_id: str, *, fmt: str = "raw", start: int = 0, stop: int | None = None,
+        block: int = 4 * 1024 * 1024,
+    ) -> AsyncIterator[bytes]:
+        """Yield a restore download's bytes from `start` (to `stop`, exclusive) in blocks."""
+        headers = {}
+        if start or stop is not None:
+            headers["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+        resp = await self._request("GET", f"/points/{point_id}/disks/{disk_id}/{fmt}", headers=headers)
+        async with resp:
+            async for data in resp.content.iter_chunked(block):
+                yield data
+
+    async def create_token(self, role: str, name: str) -> dict:
+        return await self.json("POST", "/tokens", {"role": role, "name": name})
+
+    async def tokens(self) -> list[dict]:
+        return (await self.json("GET", "/tokens"))["tokens"]
+
+    async def revoke_token(self, token_id: str) -> None:
+        resp = await self._request("DELETE", f"/tokens/{token_id}")
+        resp.release()

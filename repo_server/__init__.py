@@ -1,0 +1,1 @@
+"""The Chunkyard repository server: storage engine (engine/) and HTTP API (api/)."""

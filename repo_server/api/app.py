@@ -1,0 +1,108 @@
+"""The application factory, its lifecycle (repository, thread pool, housekeeping) and middlewares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from chunkyard.config import ServerConfig
+from repo_server.engine import Conflict, Corrupt, EngineError, Invalid, NotFound, Repository
+
+from . import admin, catalog, sessions
+from .common import CONFIG, METRICS, POOL, REPO, TOKEN, ApiError, Metrics
+
+log = logging.getLogger("chunkyard.server")
+STATUS = {NotFound: 404, Invalid: 422, Conflict: 409, Corrupt: 500}
+
+
+def _json_error(status: int, code: str, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    status = 500
+    try:
+        allowed = getattr(handler, "allowed_roles", None)
+        if allowed is not None:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            info = request.app[REPO].tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+            if info is None:
+                raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                               headers={"WWW-Authenticate": 'Bearer realm="chunkyard"'})
+            if info.role not in allowed:
+                raise ApiError(403, "forbidden", f"a {info.role} token may not do this; needs {' or '.join(allowed)}")
+            request[TOKEN] = info
+        response = await handler(request)
+        status = response.status
+        return response
+    except ApiError as e:
+        status = e.status
+        raise
+    except EngineError as e:
+        status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
+        if status == 500:
+            log.error("%s %s: %s", request.method, request.path, e)
+        return _json_error(status, e.code, e.message)
+    except web.HTTPException as e:  # aiohttp's own (404 route, 405 method, 413 ...): answer in our JSON shape
+        status = e.status
+        if e.content_type == "application/json":
+            raise
+        keep = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return _json_error(e.status, e.reason.lower().replace(" ", "_"), e.reason, headers=keep)
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = 499
+        raise
+    finally:
+        request.app[METRICS].requests[(route, status)] += 1
+
+
+def create_app(config: ServerConfig, repo: Repository | None = None) -> web.Application:
+    """Build the server. Without `repo` the app opens (and closes) the repository at config.data."""
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=1 << 20)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="chunkyard")
+        app[POOL] = pool
+        opened = repo or await asyncio.get_running_loop().run_in_executor(pool, lambda: Repository(
+            config.data, pack_size=config.pack_size_mib << 20, cache_bytes=config.index_cache_mib << 20))
+        app[REPO] = opened
+        housekeeping = asyncio.create_task(_housekeeping(app))
+        yield
+        housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping
+        pool.shutdown(wait=True)
+        if repo is None:
+            opened.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    admin.add_routes(app)
+    sessions.add_routes(app)
+    catalog.add_routes(app)
+    return app
+
+
+async def _housekeeping(app: web.Application) -> None:
+    """Expire idle backup sessions and forget old closed ones."""
+    config = app[CONFIG]
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(config.housekeeping_seconds)
+        try:
+            n = await loop.run_in_executor(app[POOL], app[REPO].sessions.expire,
+                                           config.session_idle_hours * 3600,
+                                           config.keep_closed_sessions_days * 86400)
+            if n:
+                log.info("housekeeping: expired or forgot %d sessions", n)
+        except Exception:
+            log.exception("housekeeping failed")

@@ -1,0 +1,133 @@
+"""The OpenAPI 3 description of the API, served at /api/v1/openapi.json.
+
+Written as a table of operations so that a test can check it against the router: every route
+documented, nothing documented that is not routed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chunkyard import __version__
+
+OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+JSON_OBJ = {"application/json": {"schema": {"type": "object"}}}
+
+# path -> method -> (summary, roles or None for public, request body, success status, success content)
+OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = {
+    "/health": {"get": ("Liveness and version", None, None, 200, JSON_OBJ)},
+    "/openapi.json": {"get": ("This document", None, None, 200, JSON_OBJ)},
+    "/repository": {"get": ("Chunk size, repository id and stats: logical, unique and stored bytes, dedup and "
+                            "compression ratios, chunk, pack and point counts",
+                            ["admin", "reader", "collector"], None, 200, JSON_OBJ)},
+    "/metrics": {"get": ("Prometheus text exposition", ["admin", "reader"], None, 200,
+                         {"text/plain": {"schema": {"type": "string"}}})},
+    "/tokens": {
+        "post": ("Create a token; the token is shown only in this answer", ["admin"],
+                 {"$ref": "#/components/schemas/TokenRequest"}, 201, JSON_OBJ),
+        "get": ("List tokens (ids, roles, names; never the secrets)", ["admin"], None, 200, JSON_OBJ),
+    },
+    "/tokens/{token_id}": {"delete": ("Revoke a token", ["admin"], None, 204, None)},
+    "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests",
+                           ["admin", "collector"], {"$ref": "#/components/schemas/SessionRequest"}, 201, JSON_OBJ)},
+    "/sessions/{sid}": {
+        "get": ("Session state and counters (to resume an interrupted backup)", ["admin", "collector"], None, 200,
+                JSON_OBJ),
+        "delete": ("Abort the session; staged entries are dropped", ["admin", "collector"], None, 204, None),
+    },
+    "/sessions/{sid}/missing": {"post": (
+        "Body: N×32-byte BLAKE3 digests (N ≤ 65536). Answer: a bitmap, bit i (LSB first) set when chunk i must be "
+        "uploaded. The ZERO digest is never missing.", ["admin", "collector"], "binary", 200, OCTET)},
+    "/sessions/{sid}/chunks": {"post": (
+        "Body (≤ 64 MiB): frames `digest[32] codec u8 raw_len u32 stored_len u32 payload`, little-endian; codec 0 "
+        "raw, 1 zstd. Every frame is decompressed and hashed; any bad frame rejects the whole body with 422.",
+        ["admin", "collector"], "binary", 200, JSON_OBJ)},
+    "/sessions/{sid}/disks/{disk_id}/map": {"post": (
+        "Body: records `chunk_index u64 digest[32]`. Each digest must be ZERO or present, of the length its index "
+        "covers. Unmapped indices keep the base point's digest (ZERO without a base).",
+        ["admin", "collector"], "binary", 200, JSON_OBJ)},
+    "/sessions/{sid}/blobs/{name}": {"put": ("Store a VM configuration file (≤ 64 MiB) with the point",
+                                             ["admin", "collector"], "binary", 201, JSON_OBJ)},
+    "/sessions/{sid}/commit": {"post": (
+        "Assemble the synthetic full and create the restore point; all-or-nothing. Optional body "
+        '{"read_bytes": n} (collector-side counter kept in the stats).', ["admin", "collector"], "json-optional",
+        201, JSON_OBJ)},
+    "/vms": {"get": ("VMs with restore points", ["admin", "reader"], None, 200, JSON_OBJ)},
+    "/vms/{vm_id}/points": {"get": ("Restore points of a VM, oldest first", ["admin", "reader"], None, 200,
+                                    JSON_OBJ)},
+    "/points/{pid}": {
+        "get": ("A restore point", ["admin", "reader"], None, 200, JSON_OBJ),
+        "delete": ("Delete a restore point (its data goes at the next GC)", ["admin"], None, 204, None),
+    },
+    "/points/{pid}/disks/{disk_id}/map": {"get": (
+        "The n chunk digests of the disk (collectors compare against it when change tracking is unavailable; "
+        "a collector token may read only points it created)", ["admin", "reader", "collector"], None, 200, OCTET)},
+    "/points/{pid}/disks/{disk_id}/raw": {"get": (
+        "The raw disk image, streamed and verified chunk by chunk. One `Range` (206; 416 with "
+        "`Content-Range: bytes */size` for malformed, reversed, multi or unsatisfiable ranges), `ETag`, "
+        "`If-Range`. A chunk failing verification cuts the stream short of Content-Length.",
+        ["admin", "reader"], None, 200, OCTET)},
+    "/points/{pid}/blobs/{name}": {"get": ("A stored configuration file", ["admin", "reader"], None, 200, OCTET)},
+}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "message"],
+              "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+    "TokenRequest": {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "enum": ["admin", "collector", "reader"]}, "name": {"type": "string"}}},
+    "SessionRequest": {"type": "object", "required": ["host", "vm", "disks"], "properties": {
+        "host": {"type": "string"},
+        "vm": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"},
+                                                                     "name": {"type": "string"}}},
+        "disks": {"type": "array", "items": {"type": "object", "required": ["disk_id", "size"], "properties": {
+            "disk_id": {"type": "string"}, "name": {"type": "string"}, "size": {"type": "integer"}}}},
+        "base": {"oneOf": [{"type": "string"}, {"type": "null"}], "description": '"latest", a point id or null'},
+        "consistency": {"type": "string", "enum": ["application", "crash", "saved-state"]},
+        "rct": {"type": "object", "additionalProperties": {"type": "string"}},
+    }},
+}
+
+
+def _operation(summary: str, roles: list[str] | None, body: Any, status: int, content: Any) -> dict:
+    op: dict[str, Any] = {"summary": summary, "responses": {str(status): {"description": "success"}}}
+    if content:
+        op["responses"][str(status)]["content"] = content
+    if roles is None:
+        op["security"] = []
+    else:
+        op["description"] = f"Roles: {', '.join(roles)}."
+        op["responses"] |= {"401": ERROR, "403": ERROR}
+    if body == "binary":
+        op["requestBody"] = {"required": True, "content": OCTET}
+        op["responses"] |= {"413": ERROR, "422": ERROR}
+    elif body == "json-optional":
+        op["requestBody"] = {"required": False, "content": JSON_OBJ}
+    elif body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        op["responses"] |= {"400": ERROR, "422": ERROR}
+    op["responses"].setdefault("404", ERROR)
+    return op
+
+
+def openapi_document() -> dict:
+    paths: dict[str, dict] = {}
+    for path, methods in OPERATIONS.items():
+        item: dict[str, Any] = {}
+        for method, spec in methods.items():
+            item[method] = _operation(*spec)
+        params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
+        if params:
+            item["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                                  for p in params]
+        paths[path] = item
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Chunkyard repository server", "version": __version__,
+                 "description": "Deduplicating backup repository for Hyper-V fleets. Binary bodies are "
+                                "little-endian. Errors are JSON {error, message}."},
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": SCHEMAS},
+        "paths": paths,
+    }

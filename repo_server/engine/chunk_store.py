@@ -1,0 +1,312 @@
+"""The chunk store: deduplicated chunk records in packs, located through the index.
+
+Writers are group-committed: concurrent `put` calls queue their chunks; one of them (the
+leader) appends everything queued to the open pack, issues one fdatasync, then indexes the
+records. A `put` returns only after its chunks are durable (DESIGN §3 durability rule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .codec import CodecError, decode_verified
+from .errors import Corrupt, NotFound
+from .faults import crash_point
+from .index import U64, Index, Location
+from .pack import (
+    RECORD_HEADER,
+    PackFormatError,
+    PackWriter,
+    Record,
+    pack_path,
+    parse_record,
+    read_trailer,
+)
+
+PACK_KEY = U64  # packs CF key: pack id, little-endian u64
+
+
+@dataclass(frozen=True, slots=True)
+class NewChunk:
+    """A verified chunk ready to be stored (flags = codec | meta bit)."""
+
+    digest: bytes
+    flags: int
+    raw_len: int
+    stored: bytes | memoryview
+
+
+@dataclass
+class PutResult:
+    stored: int = 0
+    duplicate: int = 0
+    bytes: int = 0
+    stored_digests: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class RecoveryReport:
+    packs_scanned: int = 0
+    records_reindexed: int = 0
+    bytes_truncated: int = 0
+
+
+class _Waiter:
+    __slots__ = ("error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: PutResult | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkStore:
+    def __init__(self, index: Index, root: Path, *, pack_size: int = 32 << 20):
+        self.index = index
+        self.root = root
+        self.pack_size = pack_size
+        self._lock = threading.Lock()
+        self._queue: list[tuple[list[NewChunk], _Waiter]] = []
+        self._flushing = False
+        self._writer: PackWriter | None = None
+        self.chunk_count = index.counter("chunk_count")
+        self.unique_bytes = index.counter("unique_bytes")
+        self.stored_bytes = index.counter("stored_bytes")
+        self.pack_count = index.counter("pack_count")
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self) -> RecoveryReport:
+        """Bring the index up to date with the packs on disk, and reopen the open pack.
+
+        Sealed packs the index knows are skipped; every other pack is read (trailer, or a record
+        scan that cuts a torn tail) and its records the index lacks are indexed again.
+        """
+        report = RecoveryReport()
+        pack_files = sorted(self.root.glob("*/*.pack"))
+        newest_open: tuple[int, Path] | None = None
+        for path in pack_files:
+            pack_id = int(path.stem, 16)
+            state = self.index.get("packs", PACK_KEY.pack(pack_id))
+            if state and json.loads(state)["state"] == "sealed":
+                continue
+            report.packs_scanned += 1
+            records = read_trailer(path)
+            if records is not None:
+                self._index_recovered(pack_id, records, path.stat().st_size, sealed=True, report=report)
+                continue
+            if newest_open is not None:
+                self._seal_stray(*newest_open, report)
+            newest_open = (pack_id, path)
+        if newest_open is not None:
+            pack_id, path = newest_open
+            size_before = path.stat().st_size
+            writer = PackWriter.resume(path, pack_id)
+            report.bytes_truncated += size_before - writer.size
+            self._index_recovered(pack_id, writer.records, writer.size, sealed=False, report=report)
+            self._writer = writer
+        next_id = max((int(p.stem, 16) for p in pack_files), default=0) + 1
+        if self.index.counter("next_pack_id") < next_id:
+            batch = self.index.batch()
+            batch.put("meta", b"next_pack_id", U64.pack(next_id))
+            self.index.write(batch, sync=True)
+        return report
+
+    def _seal_stray(self, pack_id: int, path: Path, report: RecoveryReport) -> None:
+        """An older unsealed pack (crash between roll-over steps): cut its tail and seal it."""
+        size_before = path.stat().st_size
+        writer = PackWriter.resume(path, pack_id)
+        report.bytes_truncated += size_before - writer.size
+        writer.seal()
+        writer.close()
+        self._index_recovered(pack_id, writer.records, writer.size, sealed=True, report=report)
+
+    def _index_recovered(
+        self, pack_id: int, records: list[Record], size: int, *, sealed: bool, report: RecoveryReport
+    ) -> None:
+        for start in range(0, len(records), 1000):
+            part = records[start : start + 1000]
+            known = self.index.multi_get("chunks", [r.digest for r in part])
+            batch = self.index.batch()
+            for record, value in zip(part, known, strict=True):
+                if value is None:
+                    batch.put("chunks", record.digest, Location(pack_id, record).encode())
+                    self._count_new(record)
+                    report.records_reindexed += 1
+            self._put_counters(batch)
+            self.index.write(batch)
+        batch = self.index.batch()
+        self._put_pack_state(batch, pack_id, "sealed" if sealed else "open", size, len(records))
+        self.index.write(batch, sync=True)
+
+    # ---------------------------------------------------------------- writing
+
+    def put(self, chunks: list[NewChunk]) -> PutResult:
+        """Store chunks not already present; return after they are durable. Thread-safe."""
+        waiter = _Waiter()
+        with self._lock:
+            self._queue.append((chunks, waiter))
+            lead = not self._flushing
+            self._flushing = True
+        while lead:
+            with self._lock:
+                work, self._queue = self._queue, []
+                if not work:
+                    self._flushing = False
+                    break
+            try:
+                self._flush(work)
+            except BaseException as e:
+                for _, w in work:
+                    w.error = e
+                    w.event.set()
+        waiter.event.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.result is not None
+        return waiter.result
+
+    def _flush(self, work: list[tuple[list[NewChunk], _Waiter]]) -> None:
+        all_digests = list({c.digest for chunks, _ in work for c in chunks})
+        present = {d for d, v in zip(all_digests, self.index.multi_get("chunks", all_digests),
+                                     strict=True) if v is not None}
+        written: dict[bytes, tuple[int, Record]] = {}
+        results = []
+        touched_packs: dict[int, PackWriter] = {}
+        for chunks, _ in work:
+            result = PutResult()
+            for chunk in chunks:
+                if chunk.digest in present or chunk.digest in written:
+                    result.duplicate += 1
+                    continue
+                writer = self._open_writer()
+                record = writer.append(chunk.digest, chunk.flags, chunk.raw_len, chunk.stored)
+                written[chunk.digest] = (writer.pack_id, record)
+                touched_packs[writer.pack_id] = writer
+                result.stored += 1
+                result.bytes += len(chunk.stored)
+                result.stored_digests.append(chunk.digest)
+                if writer.size >= self.pack_size:
+                    writer.seal()
+                    writer.close()
+                    self._writer = None
+            results.append(result)
+        if self._writer is not None and self._writer.pack_id in touched_packs:
+            self._writer.sync()
+        crash_point("after_pack_sync")
+        batch = self.index.batch()
+        for d, (pack_id, record) in written.items():
+            batch.put("chunks", d, Location(pack_id, record).encode())
+            self._count_new(record)
+        for pack_id, writer in touched_packs.items():
+            sealed = writer is not self._writer
+            self._put_pack_state(batch, pack_id, "sealed" if sealed else "open", writer.size,
+                                 len(writer.records))
+        self._put_counters(batch)
+        self.index.write(batch)
+        for (_, waiter), result in zip(work, results, strict=True):
+            waiter.result = result
+            waiter.event.set()
+
+    def _open_writer(self) -> PackWriter:
+        if self._writer is None:
+            pack_id = self.index.counter("next_pack_id") or 1
+            batch = self.index.batch()
+            batch.put("meta", b"next_pack_id", U64.pack(pack_id + 1))
+            self.pack_count += 1
+            self._put_counters(batch)
+            self.index.write(batch, sync=True)
+            self._writer = PackWriter.create(self.root, pack_id)
+        return self._writer
+
+    def _count_new(self, record: Record) -> None:
+        self.chunk_count += 1
+        self.unique_bytes += record.raw_len
+        self.stored_bytes += record.stored_len + RECORD_HEADER.size
+
+    def _put_counters(self, batch) -> None:
+        for name in ("chunk_count", "unique_bytes", "stored_bytes", "pack_count"):
+            batch.put("meta", name.encode(), U64.pack(getattr(self, name)))
+
+    def _put_pack_state(self, batch, pack_id: int, state: str, size: int, records: int) -> None:
+        batch.put("packs", PACK_KEY.pack(pack_id),
+                  json.dumps({"state": state, "size": size, "records": records}).encode())
+
+    def mark_bad(self, digest: bytes, reason: str) -> None:
+        """Remember a chunk that failed verification, for verify jobs and operators."""
+        batch = self.index.batch()
+        batch.put("meta", b"bad/" + digest, reason.encode())
+        self.index.write(batch, sync=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.sync()
+            self._writer.close()
+            self._writer = None
+
+    # ---------------------------------------------------------------- reading
+
+    def reader(self) -> ChunkReader:
+        return ChunkReader(self)
+
+
+class ChunkReader:
+    """Reads and verifies chunks; owns its file descriptors, so use one per stream or task."""
+
+    def __init__(self, store: ChunkStore):
+        self._store = store
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, pack_id: int) -> int:
+        fd = self._fds.get(pack_id)
+        if fd is None:
+            with self._lock:  # several worker threads read for one stream
+                fd = self._fds.get(pack_id)
+                if fd is None:
+                    try:
+                        fd = os.open(pack_path(self._store.root, pack_id), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise Corrupt(f"pack {pack_id:016x} is missing from the data directory") from None
+                    self._fds[pack_id] = fd
+        return fd
+
+    def read_stored(self, loc: Location) -> bytes:
+        """The stored (possibly compressed) bytes of a record, CRC-checked."""
+        rec = loc.record
+        buf = os.pread(self._fd(loc.pack_id), RECORD_HEADER.size + rec.stored_len, rec.offset)
+        try:
+            return parse_record(buf, rec)
+        except PackFormatError as e:
+            self._store.mark_bad(rec.digest, str(e))
+            raise Corrupt(f"chunk {rec.digest.hex()}: {e}") from None
+
+    def read(self, loc: Location) -> bytes:
+        """The raw bytes of a chunk, decompressed and BLAKE3-verified."""
+        stored = self.read_stored(loc)
+        try:
+            return decode_verified(loc.record.codec, loc.record.raw_len, stored, loc.record.digest)
+        except CodecError as e:
+            self._store.mark_bad(loc.record.digest, str(e))
+            raise Corrupt(f"chunk {loc.record.digest.hex()}: {e}") from None
+
+    def read_digest(self, digest: bytes) -> bytes:
+        loc = self._store.index.locate(digest)
+        if loc is None:
+            raise NotFound(f"chunk {digest.hex()} is not in the repository", "chunk_not_found")
+        return self.read(loc)

@@ -1,0 +1,33 @@
+"""Engine errors. Each carries a stable machine code; the API maps the class to an HTTP status."""
+
+
+class EngineError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class NotFound(EngineError):
+    code = "not_found"
+
+
+class Invalid(EngineError):
+    """The request is well-formed but its content is unacceptable (bad frame, map beyond the disk, ...)."""
+
+    code = "invalid"
+
+
+class Conflict(EngineError):
+    """The target's state forbids the operation (committed session, protected point, ...)."""
+
+    code = "conflict"
+
+
+class Corrupt(EngineError):
+    """Stored data failed verification; the operation stops rather than serve wrong bytes."""
+
+    code = "corrupt"

@@ -1,0 +1,183 @@
+"""Pack files: append-only containers of chunk records (DESIGN §3).
+
+    file header  b"CYPACK\\0\\1" | pack_id u64
+    record       magic b"CYCK" | flags u8 | raw_len u32 | stored_len u32 | digest[32] | crc32c u32 | stored
+    trailer      b"CYTR" | count u32 | count × (digest[32] offset u64 stored_len u32 raw_len u32 flags u8)
+    footer       trailer_offset u64 | crc32c(trailer) u32 | b"CYSE"
+
+Flags: bits 0-1 codec (0 raw, 1 zstd), bit 2 meta (a manifest page or blob piece).
+A sealed pack ends with trailer and footer, so the index can be rebuilt from packs alone;
+an open pack is recovered by scanning records until the first torn or invalid one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+
+FILE_MAGIC = b"CYPACK\x00\x01"
+FILE_HEADER = struct.Struct("<8sQ")
+RECORD_HEADER = struct.Struct("<4sBII32sI")
+RECORD_MAGIC = b"CYCK"
+TRAILER_HEAD = struct.Struct("<4sI")
+TRAILER_ENTRY = struct.Struct("<32sQIIB")
+FOOTER = struct.Struct("<QI4s")
+FLAG_META = 0x04
+CODEC_MASK = 0x03
+MAX_STORED_LEN = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Where one chunk lies in a pack and how it is stored."""
+
+    digest: bytes
+    offset: int
+    stored_len: int
+    raw_len: int
+    flags: int
+
+    @property
+    def codec(self) -> int:
+        return self.flags & CODEC_MASK
+
+
+class PackFormatError(Exception):
+    pass
+
+
+def pack_path(root: Path, pack_id: int) -> Path:
+    return root / f"{pack_id & 0xFF:02x}" / f"{pack_id:016x}.pack"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackWriter:
+    """Appends records to the one open pack. Not thread-safe: the chunk store serialises writers."""
+
+    def __init__(self, path: Path, pack_id: int, records: list[Record], size: int):
+        self.path = path
+        self.pack_id = pack_id
+        self.records = records
+        self.size = size
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
+    @classmethod
+    def create(cls, root: Path, pack_id: int) -> PackWriter:
+        path = pack_path(root, pack_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = cls(path, pack_id, [], 0)
+        os.ftruncate(writer._fd, 0)
+        writer._write(FILE_HEADER.pack(FILE_MAGIC, pack_id))
+        os.fsync(writer._fd)
+        fsync_dir(path.parent)
+        return writer
+
+    @classmethod
+    def resume(cls, path: Path, pack_id: int) -> PackWriter:
+        """Reopen an unsealed pack after a restart, cutting any torn tail."""
+        records, valid_end = scan_records(path)
+        writer = cls(path, pack_id, records, valid_end)
+        if os.fstat(writer._fd).st_size != valid_end:
+            os.ftruncate(writer._fd, valid_end)
+            os.fsync(writer._fd)
+        return writer
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, self.size)
+            self.size += n
+            view = view[n:]
+
+    def append(self, digest: bytes, flags: int, raw_len: int, stored: bytes | memoryview) -> Record:
+        header = RECORD_HEADER.pack(RECORD_MAGIC, flags, raw_len, len(stored), digest, crc32c.crc32c(stored))
+        record = Record(digest, self.size, len(stored), raw_len, flags)
+        self._write(header + bytes(stored))
+        self.records.append(record)
+        return record
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def seal(self) -> None:
+        """Write the trailer and footer and make them durable; the pack is then immutable."""
+        body = TRAILER_HEAD.pack(b"CYTR", len(self.records)) + b"".join(
+            TRAILER_ENTRY.pack(r.digest, r.offset, r.stored_len, r.raw_len, r.flags) for r in self.records
+        )
+        trailer_offset = self.size
+        self._write(body + FOOTER.pack(trailer_offset, crc32c.crc32c(body), b"CYSE"))
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read_trailer(path: Path) -> list[Record] | None:
+    """The records of a sealed pack, or None when the pack has no valid trailer."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end < FILE_HEADER.size + FOOTER.size:
+            return None
+        f.seek(end - FOOTER.size)
+        trailer_offset, crc, magic = FOOTER.unpack(f.read(FOOTER.size))
+        if magic != b"CYSE" or not FILE_HEADER.size <= trailer_offset < end - FOOTER.size:
+            return None
+        f.seek(trailer_offset)
+        body = f.read(end - FOOTER.size - trailer_offset)
+    if crc32c.crc32c(body) != crc:
+        return None
+    tag, count = TRAILER_HEAD.unpack_from(body)
+    if tag != b"CYTR" or len(body) != TRAILER_HEAD.size + count * TRAILER_ENTRY.size:
+        return None
+    return [
+        Record(*TRAILER_ENTRY.unpack_from(body, TRAILER_HEAD.size + i * TRAILER_ENTRY.size))
+        for i in range(count)
+    ]
+
+
+def scan_records(path: Path) -> tuple[list[Record], int]:
+    """Walk an unsealed pack's records; return them and the end of the last intact one."""
+    data = path.read_bytes()
+    if len(data) < FILE_HEADER.size or data[:8] != FILE_MAGIC:
+        raise PackFormatError(f"{path}: not a Chunkyard pack (bad file header)")
+    records: list[Record] = []
+    pos = FILE_HEADER.size
+    while pos + RECORD_HEADER.size <= len(data):
+        magic, flags, raw_len, stored_len, dig, crc = RECORD_HEADER.unpack_from(data, pos)
+        start = pos + RECORD_HEADER.size
+        if (
+            magic != RECORD_MAGIC
+            or stored_len > MAX_STORED_LEN
+            or start + stored_len > len(data)
+            or crc32c.crc32c(memoryview(data)[start : start + stored_len]) != crc
+        ):
+            break
+        records.append(Record(dig, pos, stored_len, raw_len, flags))
+        pos = start + stored_len
+    return records, pos
+
+
+def parse_record(buf: bytes, record: Record) -> bytes:
+    """Check a record read from disk against what the index says, and return its stored bytes."""
+    magic, _flags, _raw_len, stored_len, dig, crc = RECORD_HEADER.unpack_from(buf)
+    stored = buf[RECORD_HEADER.size :]
+    if (
+        magic != RECORD_MAGIC
+        or dig != record.digest
+        or stored_len != record.stored_len
+        or len(stored) != stored_len
+        or crc32c.crc32c(stored) != crc
+    ):
+        raise PackFormatError(f"record at offset {record.offset} does not match the index or fails its CRC")
+    return stored

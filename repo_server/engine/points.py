@@ -1,0 +1,170 @@
+"""Restore point records: one JSON file per point (the source of truth) mirrored in the index.
+
+Files live at points/<vm_id>/<point_id>.json. Index keys (CF `points`):
+    p:<point_id>            the record
+    v:<vm_id>\\0<point_id>   membership, sorted by time (point ids are time-ordered)
+    m:<vm_id>               the VM's summary (name, host, latest point, count)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .durable import write_atomic
+from .errors import NotFound
+from .faults import crash_point
+from .index import U64, Batch, Index
+from .names import check_hex_id, check_name
+from .pack import fsync_dir
+
+
+def new_point_id() -> str:
+    """20 hex chars: milliseconds since the epoch, then randomness; sorts by creation time."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def public(record: dict) -> dict:
+    """A record as the API shows it: manifest roots replaced by their page count."""
+    out = dict(record)
+    out["disks"] = [
+        {k: v for k, v in d.items() if k != "pages"} | {"pages": len(d["pages"])} for d in record["disks"]
+    ]
+    out["blobs"] = {name: {"size": b["size"]} for name, b in record.get("blobs", {}).items()}
+    return out
+
+
+def logical_bytes(record: dict) -> int:
+    """Bytes of data a plain full backup of this point would hold (allocated chunks)."""
+    return sum(d["allocated_chunks"] for d in record["disks"]) * record["chunk_size"]
+
+
+class PointStore:
+    def __init__(self, index: Index, root: Path):
+        self.index = index
+        self.root = root
+        self._lock = threading.Lock()
+        self.logical_bytes = index.counter("logical_bytes")
+        self.point_count = index.counter("point_count")
+
+    def path(self, vm_id: str, point_id: str) -> Path:
+        return self.root / vm_id / f"{point_id}.json"
+
+    def save(self, record: dict, batch: Batch) -> None:
+        """Make a point durable: the file first, then the index (with the caller's batch) synced."""
+        vm_id, point_id = record["vm"]["id"], record["point_id"]
+        write_atomic(self.path(vm_id, point_id), json.dumps(record).encode())
+        crash_point("after_point_file")
+        with self._lock:
+            self._index_point(record, batch)
+            self.index.write(batch, sync=True)
+
+    def _index_point(self, record: dict, batch: Batch) -> None:
+        vm_id, point_id = record["vm"]["id"], record["point_id"]
+        batch.put("points", b"p:" + point_id.encode(), json.dumps(record).encode())
+        batch.put("points", f"v:{vm_id}\0{point_id}".encode(), b"")
+        summary = self.vm(vm_id) or {"id": vm_id, "points": 0}
+        summary["points"] += 1
+        if point_id >= summary.get("latest_point", ""):
+            summary |= {"name": record["vm"]["name"], "host": record["host"],
+                        "latest_point": point_id, "latest_time": record["created"]}
+        batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
+        self.logical_bytes += logical_bytes(record)
+        self.point_count += 1
+        self._put_counters(batch)
+
+    def _put_counters(self, batch: Batch) -> None:
+        batch.put("meta", b"logical_bytes", U64.pack(self.logical_bytes))
+        batch.put("meta", b"point_count", U64.pack(self.point_count))
+
+    def get(self, point_id: str) -> dict:
+        check_hex_id(point_id, "point id")
+        value = self.index.get("points", b"p:" + point_id.encode())
+        if value is None:
+            raise NotFound(f"no restore point {point_id}", "point_not_found")
+        return json.loads(value)
+
+    def vm(self, vm_id: str) -> dict | None:
+        value = self.index.get("points", b"m:" + vm_id.encode())
+        return json.loads(value) if value else None
+
+    def vms(self) -> list[dict]:
+        return [json.loads(v) for _, v in self.index.scan("points", b"m:")]
+
+    def ids_of_vm(self, vm_id: str) -> list[str]:
+        check_name(vm_id, "VM id")
+        prefix = f"v:{vm_id}\0".encode()
+        return [k[len(prefix) :].decode() for k, _ in self.index.scan("points", prefix)]
+
+    def of_vm(self, vm_id: str) -> list[dict]:
+        ids = self.ids_of_vm(vm_id)
+        values = self.index.multi_get("points", [b"p:" + i.encode() for i in ids])
+        return [json.loads(v) for v in values if v is not None]
+
+    def latest(self, vm_id: str) -> dict | None:
+        summary = self.vm(vm_id)
+        return self.get(summary["latest_point"]) if summary else None
+
+    def delete(self, point_id: str) -> dict:
+        """Remove a point: the file first, so a crash can never resurrect it."""
+        record = self.get(point_id)
+        vm_id = record["vm"]["id"]
+        path = self.path(vm_id, point_id)
+        if path.exists():
+            path.unlink()
+            fsync_dir(path.parent)
+        with self._lock:
+            batch = self.index.batch()
+            self._unindex_point(record, batch)
+            self.index.write(batch, sync=True)
+        return record
+
+    def _unindex_point(self, record: dict, batch: Batch) -> None:
+        vm_id, point_id = record["vm"]["id"], record["point_id"]
+        batch.delete("points", b"p:" + point_id.encode())
+        batch.delete("points", f"v:{vm_id}\0{point_id}".encode())
+        remaining = [i for i in self.ids_of_vm(vm_id) if i != point_id]
+        if remaining:
+            latest = self.get(remaining[-1])
+            summary = {"id": vm_id, "points": len(remaining), "name": latest["vm"]["name"],
+                       "host": latest["host"], "latest_point": latest["point_id"],
+                       "latest_time": latest["created"]}
+            batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
+        else:
+            batch.delete("points", b"m:" + vm_id.encode())
+        self.logical_bytes -= logical_bytes(record)
+        self.point_count -= 1
+        self._put_counters(batch)
+
+    def recover(self) -> tuple[list[dict], int]:
+        """Index point files the index lacks; drop index entries whose file is gone.
+
+        Returns the records added (their sessions are then marked committed) and the count removed.
+        """
+        on_disk: dict[str, Path] = {}
+        if self.root.exists():
+            for vm_dir in os.scandir(self.root):
+                if vm_dir.is_dir():
+                    for entry in os.scandir(vm_dir.path):
+                        if entry.name.endswith(".json") and not entry.name.startswith("."):
+                            on_disk[entry.name[:-5]] = Path(entry.path)
+        indexed = {k[2:].decode() for k, _ in self.index.scan("points", b"p:")}
+        added = []
+        with self._lock:
+            for point_id in sorted(on_disk.keys() - indexed):
+                record: dict[str, Any] = json.loads(on_disk[point_id].read_bytes())
+                batch = self.index.batch()
+                self._index_point(record, batch)
+                self.index.write(batch, sync=True)
+                added.append(record)
+            removed = indexed - on_disk.keys()
+            for point_id in sorted(removed):
+                batch = self.index.batch()
+                self._unindex_point(self.get(point_id), batch)
+                self.index.write(batch, sync=True)
+        return added, len(removed)

@@ -1,0 +1,208 @@
+"""A repository on disk: descriptor, index, chunk store, points and sessions, opened together.
+
+    <data>/repo.toml    repository id, format version, chunk size, created
+    <data>/index/       RocksDB index (rebuildable from packs and point files)
+    <data>/packs/       pack files
+    <data>/points/      restore point records
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from chunkyard.wire import ZERO, digest
+
+from .chunk_store import ChunkStore, NewChunk, RecoveryReport
+from .codec import compress
+from .durable import write_atomic
+from .errors import EngineError, Invalid, NotFound
+from .index import Index
+from .pack import FLAG_META
+from .points import PointStore
+from .sessions import SessionStore
+from .tokens import TokenStore
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 256 << 10
+MAX_CHUNK_SIZE = 8 << 20
+
+
+class RepositoryError(EngineError):
+    code = "repository_error"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    repository_id: str
+    format_version: int
+    chunk_size: int
+    created: float
+
+    def to_toml(self) -> str:
+        return (
+            "# Chunkyard repository descriptor. Do not edit: the chunk size is fixed for life.\n"
+            f'repository_id = "{self.repository_id}"\n'
+            f"format_version = {self.format_version}\n"
+            f"chunk_size = {self.chunk_size}\n"
+            f"created = {self.created}\n"
+        )
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size & (chunk_size - 1) == 0):
+        raise Invalid(f"chunk size must be a power of two from 256 KiB to 8 MiB; got {chunk_size}",
+                      "bad_chunk_size")
+    return chunk_size
+
+
+def init_repository(data: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Descriptor:
+    """Create an empty repository; refuse to touch a directory that already holds one."""
+    check_chunk_size(chunk_size)
+    if (data / "repo.toml").exists():
+        raise RepositoryError(f"{data} already holds a repository (repo.toml exists)", "already_exists")
+    data.mkdir(parents=True, exist_ok=True)
+    for sub in ("packs", "points"):
+        (data / sub).mkdir(exist_ok=True)
+    desc = Descriptor(str(uuid.uuid4()), FORMAT_VERSION, chunk_size, round(time.time(), 3))
+    write_atomic(data / "repo.toml", desc.to_toml().encode())
+    return desc
+
+
+def read_descriptor(data: Path) -> Descriptor:
+    path = data / "repo.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"{data} is not a Chunkyard repository (no repo.toml); create one with `chunkyard init --data {data}`",
+            "no_repository",
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RepositoryError(f"{path} is not valid TOML: {e}", "bad_descriptor") from None
+    try:
+        desc = Descriptor(str(raw["repository_id"]), int(raw["format_version"]), int(raw["chunk_size"]),
+                          float(raw["created"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RepositoryError(f"{path} lacks or mistypes a field: {e}", "bad_descriptor") from None
+    if desc.format_version != FORMAT_VERSION:
+        raise RepositoryError(f"{path}: format version {desc.format_version} is not supported "
+                              f"(this build reads version {FORMAT_VERSION})", "bad_descriptor")
+    check_chunk_size(desc.chunk_size)
+    return desc
+
+
+class Repository:
+    """Everything the server needs, opened with recovery. One process at a time (a lock file)."""
+
+    def __init__(self, data: Path, *, pack_size: int = 32 << 20, cache_bytes: int = 128 << 20):
+        self.data = data
+        self.descriptor = read_descriptor(data)
+        self.chunk_size = self.descriptor.chunk_size
+        self._lock_fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RepositoryError(f"{data} is in use by another Chunkyard process (a running server?); "
+                                  "stop it or talk to it over HTTP", "locked") from None
+        try:
+            self.index = Index(data / "index", cache_bytes=cache_bytes)
+        except Exception as e:
+            os.close(self._lock_fd)
+            raise RepositoryError(f"cannot open the index in {data / 'index'}: {e}; "
+                                  "`chunkyard repair --rebuild-index` rebuilds it from the packs", "bad_index") from e
+        self.chunks = ChunkStore(self.index, data / "packs", pack_size=pack_size)
+        self.points = PointStore(self.index, data / "points")
+        self.sessions = SessionStore(self)
+        self.tokens = TokenStore(self.index)
+        self.recovery: RecoveryReport = self.chunks.recover()
+        added, self.points_dropped = self.points.recover()
+        self.sessions.mark_recovered(added)
+        self.points_recovered = len(added)
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.index.close()
+        os.close(self._lock_fd)
+
+    # ---------------------------------------------------------------- server-side chunks
+
+    def store_data(self, raw: bytes, flags: int = 0) -> bytes:
+        """Store bytes the server itself produced (pages, blobs, re-cut edges); returns the digest."""
+        d = digest(raw)
+        codec, stored = compress(raw)
+        self.chunks.put([NewChunk(d, codec | flags, len(raw), stored)])
+        return d
+
+    def store_meta(self, raw: bytes) -> bytes:
+        return self.store_data(raw, FLAG_META)
+
+    def store_blob(self, data: bytes) -> dict:
+        """A configuration file cut into chunk-size pieces, each stored (deduplicated) as meta."""
+        pieces = []
+        for start in range(0, len(data), self.chunk_size):
+            piece = data[start : start + self.chunk_size]
+            pieces.append(ZERO.hex() if not any(piece) else self.store_meta(piece).hex())
+        return {"size": len(data), "chunks": pieces}
+
+    def read_blob(self, point: dict, name: str) -> bytes:
+        ref = point.get("blobs", {}).get(name)
+        if ref is None:
+            raise NotFound(f"point {point['point_id']} has no blob {name!r:.80}", "blob_not_found")
+        out = bytearray()
+        with self.chunks.reader() as reader:
+            for i, piece in enumerate(ref["chunks"]):
+                want = min(self.chunk_size, ref["size"] - i * self.chunk_size)
+                out += bytes(want) if piece == ZERO.hex() else reader.read_digest(bytes.fromhex(piece))
+        return bytes(out)
+
+    def stats(self) -> dict:
+        c, p = self.chunks, self.points
+        return {
+            "repository_id": self.descriptor.repository_id,
+            "chunk_size": self.chunk_size,
+            "format_version": self.descriptor.format_version,
+            "logical_bytes": p.logical_bytes,
+            "unique_bytes": c.unique_bytes,
+            "stored_bytes": c.stored_bytes,
+            "dedup_ratio": round(p.logical_bytes / c.unique_bytes, 3) if c.unique_bytes else None,
+            "compression_ratio": round(c.unique_bytes / c.stored_bytes, 3) if c.stored_bytes else None,
+            "chunk_count": c.chunk_count,
+            "pack_count": c.pack_count,
+            "point_count": p.point_count,
+            "vm_count": len(p.vms()),
+        }
+
+
+def rebuild_index(data: Path) -> dict:
+    """Throw the index away and rebuild it from packs and point files. Tokens are carried over when the
+    old index still opens; open sessions are lost (collectors start new ones)."""
+    read_descriptor(data)
+    index_dir = data / "index"
+    tokens: list[tuple[bytes, bytes]] = []
+    if index_dir.exists():
+        try:
+            old = Index(index_dir)
+            tokens = list(old.scan("tokens"))
+            old.close()
+        except Exception:  # an unreadable index is exactly what this repairs
+            tokens = []
+        shutil.move(index_dir, data / f"index.broken-{int(time.time())}")
+    repo = Repository(data)
+    try:
+        batch = repo.index.batch()
+        for key, value in tokens:
+            batch.put("tokens", key, value)
+        repo.index.write(batch, sync=True)
+        return {"packs_scanned": repo.recovery.packs_scanned, "chunks": repo.chunks.chunk_count,
+                "points": repo.points_recovered, "tokens_kept": len(tokens)}
+    finally:
+        repo.close()

@@ -1,0 +1,383 @@
+"""Backup sessions: what a collector sends between `POST /sessions` and `commit`.
+
+Keys in CF `sessions`:   s:<sid> header (JSON), r:<sid>/<disk_id> base manifest of a disk,
+                         n:<sid> counters, b:<sid>/<name> uploaded configuration blobs.
+Keys in CF `staging`:    <sid 16 bytes><disk ordinal u16 BE><chunk index u64 BE> -> digest.
+The base point's manifest roots are copied into the session at creation, so a commit never
+depends on the base point still existing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from chunkyard.wire import CODECS, DIGEST_LEN, MAP_RECORD, MAX_MISSING_QUERY, ZERO, Frame, digest
+
+from . import manifest
+from .chunk_store import NewChunk, PutResult
+from .codec import CodecError, decode
+from .errors import Conflict, Invalid, NotFound
+from .faults import crash_point
+from .names import check_hex_id, check_name
+from .points import new_point_id
+from .tokens import TokenInfo
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+CONSISTENCY_LEVELS = ("application", "crash", "saved-state")
+MAX_DISK_SIZE = 64 << 40  # the VHDX maximum
+MAX_DISKS = 256
+STAGING_KEY = struct.Struct(">16sHQ")
+INDEX_BATCH = 1000
+
+
+def verify_frames(frames: Sequence[Frame], chunk_size: int, first: int = 0) -> list[NewChunk]:
+    """Decompress and BLAKE3 every frame; any bad one rejects them all (never trust a client's digest)."""
+    out = []
+    for n, f in enumerate(frames, first):
+        if f.codec not in CODECS:
+            raise Invalid(f"frame {n}: unknown codec {f.codec}", "bad_codec")
+        if not 0 < f.raw_len <= chunk_size:
+            raise Invalid(f"frame {n}: raw_len {f.raw_len} is outside 1..{chunk_size} (the chunk size)",
+                          "bad_length")
+        try:
+            raw = decode(f.codec, f.raw_len, f.payload)
+        except CodecError as e:
+            raise Invalid(f"frame {n}: {e}", "bad_payload") from None
+        if digest(raw) != f.digest:
+            raise Invalid(f"frame {n}: digest {f.digest.hex()} does not match the payload", "digest_mismatch")
+        out.append(NewChunk(f.digest, f.codec, f.raw_len, f.payload))
+    return out
+
+
+def _json_field(body: dict, name: str, kind: type | tuple, *, required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise Invalid(f"field {name!r} must be {names}", "bad_field")
+    return value
+
+
+class SessionStore:
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self.index = repo.index
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()  # sessions being committed or aborted
+        self._touched: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def create(self, body: object, token: TokenInfo) -> dict:
+        if not isinstance(body, dict):
+            raise Invalid("the body must be a JSON object", "bad_body")
+        host = _json_field(body, "host", str)
+        vm = _json_field(body, "vm", dict)
+        vm_id = check_name(vm.get("id"), "vm.id")
+        vm_name = _json_field(vm, "name", str, required=False) or vm_id
+        consistency = _json_field(body, "consistency", str, required=False) or "crash"
+        if consistency not in CONSISTENCY_LEVELS:
+            raise Invalid(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}", "bad_field")
+        rct = _json_field(body, "rct", dict, required=False) or {}
+        disks_in = _json_field(body, "disks", list)
+        if not 0 < len(disks_in) <= MAX_DISKS:
+            raise Invalid(f"a session needs 1..{MAX_DISKS} disks", "bad_field")
+        disks = []
+        for d in disks_in:
+            if not isinstance(d, dict):
+                raise Invalid("each disk must be an object {disk_id, name, size}", "bad_field")
+            disk_id = check_name(d.get("disk_id"), "disk_id")
+            size = _json_field(d, "size", int)
+            if not 0 < size <= MAX_DISK_SIZE:
+                raise Invalid(f"disk {disk_id}: size must be 1..{MAX_DISK_SIZE} bytes", "bad_field")
+            name = _json_field(d, "name", str, required=False) or disk_id
+            rct_id = rct.get(disk_id)
+            if rct_id is not None and not isinstance(rct_id, str):
+                raise Invalid(f"rct id of disk {disk_id} must be a string", "bad_field")
+            disks.append({"disk_id": disk_id, "name": name, "size": size, "rct": rct_id})
+        if len({d["disk_id"] for d in disks}) != len(disks):
+            raise Invalid("disk ids must be unique within a session", "bad_field")
+        base = self._base_point(vm_id, body.get("base", "latest"))
+        sid = secrets.token_hex(16)
+        now = time.time()
+        header = {"session_id": sid, "state": "open", "host": host, "vm": {"id": vm_id, "name": vm_name},
+                  "disks": disks, "consistency": consistency, "base_point": base and base["point_id"],
+                  "created": now, "token_id": token.id}
+        batch = self.index.batch()
+        batch.put("sessions", f"s:{sid}".encode(), json.dumps(header).encode())
+        base_disks = {d["disk_id"]: d for d in base["disks"]} if base else {}
+        for d in disks:
+            b = base_disks.get(d["disk_id"])
+            if b:
+                batch.put("sessions", f"r:{sid}/{d['disk_id']}".encode(), json.dumps(
+                    {"size": b["size"], "pages": b["pages"], "allocated_chunks": b["allocated_chunks"]}
+                ).encode())
+        self._put_stats(batch, sid, {"uploaded_chunks": 0, "duplicate_chunks": 0, "new_bytes": 0,
+                                     "stored_bytes": 0, "mapped_chunks": 0, "touched": now})
+        self.index.write(batch, sync=True)
+        self._touched[sid] = now
+        return {"session_id": sid, "base_point": header["base_point"], "chunk_size": self.repo.chunk_size}
+
+    def _base_point(self, vm_id: str, base: object) -> dict | None:
+        if base is None:
+            return None
+        if base == "latest":
+            return self.repo.points.latest(vm_id)
+        if not isinstance(base, str):
+            raise Invalid("base must be \"latest\", a point id or null", "bad_field")
+        point = self.repo.points.get(base)
+        if point["vm"]["id"] != vm_id:
+            raise Invalid(f"base point {base} belongs to another VM ({point['vm']['id']})", "bad_base")
+        return point
+
+    def header(self, sid: str) -> dict:
+        check_hex_id(sid, "session id")
+        value = self.index.get("sessions", f"s:{sid}".encode())
+        if value is None:
+            raise NotFound(f"no backup session {sid} (it expired or never existed)", "session_not_found")
+        return json.loads(value)
+
+    def open_header(self, sid: str) -> dict:
+        h = self.header(sid)
+        if h["state"] != "open" or sid in self._busy:
+            state = "being committed" if sid in self._busy else h["state"]
+            detail = f" as point {h['point_id']}" if h.get("point_id") else ""
+            raise Conflict(f"session {sid} is {state}{detail}; start a new session", f"session_{h['state']}")
+        self._touched[sid] = time.time()
+        return h
+
+    def stats(self, sid: str) -> dict:
+        value = self.index.get("sessions", f"n:{sid}".encode())
+        return json.loads(value) if value else {}
+
+    def _put_stats(self, batch: Any, sid: str, stats: dict) -> None:
+        batch.put("sessions", f"n:{sid}".encode(), json.dumps(stats).encode())
+
+    def _add_stats(self, sid: str, **delta: int) -> None:
+        with self._lock:
+            stats = self.stats(sid)
+            for k, v in delta.items():
+                stats[k] = stats.get(k, 0) + v
+            stats["touched"] = time.time()
+            batch = self.index.batch()
+            self._put_stats(batch, sid, stats)
+            self.index.write(batch)
+
+    # ---------------------------------------------------------------- data
+
+    def missing(self, sid: str, body: bytes) -> bytes:
+        self.open_header(sid)
+        if len(body) % DIGEST_LEN or not 0 < len(body) // DIGEST_LEN <= MAX_MISSING_QUERY:
+            raise Invalid(f"the body must be 1..{MAX_MISSING_QUERY} digests of 32 bytes; got {len(body)} bytes",
+                          "bad_body")
+        digests = [body[i : i + DIGEST_LEN] for i in range(0, len(body), DIGEST_LEN)]
+        found = self.index.multi_get("chunks", digests)
+        bitmap = bytearray((len(digests) + 7) // 8)
+        for i, (d, v) in enumerate(zip(digests, found, strict=True)):
+            if v is None and d != ZERO:
+                bitmap[i >> 3] |= 1 << (i & 7)
+        return bytes(bitmap)
+
+    def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
+        self.open_header(sid)
+        result = self.repo.chunks.put(chunks)
+        new_raw = sum(c.raw_len for c in chunks if c.digest in set(result.stored_digests))
+        self._add_stats(sid, uploaded_chunks=result.stored, duplicate_chunks=result.duplicate,
+                        new_bytes=new_raw, stored_bytes=result.bytes)
+        return result
+
+    def map(self, sid: str, disk_id: str, body: bytes) -> int:
+        header = self.open_header(sid)
+        ordinal, disk = self._disk(header, disk_id)
+        if len(body) % MAP_RECORD.size or not body:
+            raise Invalid(f"the body must be one or more records of {MAP_RECORD.size} bytes "
+                          f"(chunk_index u64, digest[32]); got {len(body)} bytes", "bad_body")
+        size, chunk_size = disk["size"], self.repo.chunk_size
+        chunks = manifest.chunk_count(size, chunk_size)
+        records = [MAP_RECORD.unpack_from(body, i) for i in range(0, len(body), MAP_RECORD.size)]
+        for index, _ in records:
+            if index >= chunks:
+                raise Invalid(f"chunk index {index} is beyond the end of disk {disk_id} "
+                              f"({chunks} chunks of {chunk_size} bytes)", "index_out_of_range")
+        nonzero = [d for _, d in records if d != ZERO]
+        locations = dict(zip(nonzero, self.repo.index.locate_many(nonzero), strict=True))
+        for index, d in records:
+            if d == ZERO:
+                continue
+            loc = locations[d]
+            if loc is None:
+                raise Invalid(f"chunk {d.hex()} (index {index}) is not in the repository: upload it first",
+                              "unknown_chunk")
+            expected = manifest.chunk_length(index, size, chunk_size)
+            if loc.record.raw_len != expected:
+                raise Invalid(f"chunk {d.hex()} holds {loc.record.raw_len} bytes but index {index} of disk "
+                              f"{disk_id} covers {expected}", "bad_length")
+        sid_bytes = bytes.fromhex(sid)
+        for start in range(0, len(records), INDEX_BATCH):
+            batch = self.index.batch()
+            for index, d in records[start : start + INDEX_BATCH]:
+                batch.put("staging", STAGING_KEY.pack(sid_bytes, ordinal, index), d)
+            self.index.write(batch, sync=start + INDEX_BATCH >= len(records))
+        self._add_stats(sid, mapped_chunks=len(records))
+        return len(records)
+
+    def _disk(self, header: dict, disk_id: str) -> tuple[int, dict]:
+        for ordinal, disk in enumerate(header["disks"]):
+            if disk["disk_id"] == disk_id:
+                return ordinal, disk
+        raise NotFound(f"session {header['session_id']} has no disk {disk_id!r:.80}", "disk_not_found")
+
+    def put_blob(self, sid: str, name: str, data: bytes) -> dict:
+        self.open_header(sid)
+        check_name(name, "blob name")
+        ref = self.repo.store_blob(data)
+        batch = self.index.batch()
+        batch.put("sessions", f"b:{sid}/{name}".encode(), json.dumps(ref).encode())
+        self.index.write(batch, sync=True)
+        return {"name": name, "size": ref["size"]}
+
+    # ---------------------------------------------------------------- commit
+
+    def commit(self, sid: str, reported: dict | None = None) -> dict:
+        with self._lock:
+            header = self.open_header(sid)
+            self._busy.add(sid)
+        try:
+            return self._commit(header, reported or {})
+        finally:
+            self._busy.discard(sid)
+
+    def _commit(self, header: dict, reported: dict) -> dict:
+        sid = header["session_id"]
+        repo, chunk_size = self.repo, self.repo.chunk_size
+        disks = []
+        with repo.chunks.reader() as reader:
+            def load(page_digest: bytes, entries: int) -> list[bytes]:
+                return manifest.split_page(reader.read_digest(page_digest))
+
+            def store(entries: list[bytes]) -> bytes:
+                return repo.store_meta(b"".join(entries))
+
+            for ordinal, disk in enumerate(header["disks"]):
+                base = self.index.get("sessions", f"r:{sid}/{disk['disk_id']}".encode())
+                base = json.loads(base) if base else {"size": 0, "pages": [], "allocated_chunks": 0}
+                base_root = [bytes.fromhex(p) for p in base["pages"]]
+                changes = self._staged(sid, ordinal)
+                if base["size"] != disk["size"]:
+                    self._fit_edges(base, base_root, disk["size"], changes, load, reader)
+                result = manifest.assemble(
+                    base_root=base_root, base_size=base["size"], base_allocated=base["allocated_chunks"],
+                    size=disk["size"], chunk_size=chunk_size, changes=changes, load=load, store=store,
+                )
+                disks.append(disk | {"pages": [p.hex() for p in result.root],
+                                     "allocated_chunks": result.allocated_chunks,
+                                     "changed_chunks": result.changed_chunks,
+                                     "changed_bytes": result.changed_bytes})
+        crash_point("after_pages")
+        blobs = {k.decode().split("/", 1)[1]: json.loads(v)
+                 for k, v in self.index.scan("sessions", f"b:{sid}/".encode())}
+        stats = self.stats(sid)
+        read_bytes = reported.get("read_bytes")
+        record = {
+            "point_id": new_point_id(), "session_id": sid, "vm": header["vm"], "host": header["host"],
+            "created": time.time(), "consistency": header["consistency"], "base_point": header["base_point"],
+            "chunk_size": chunk_size, "token_id": header["token_id"], "disks": disks, "blobs": blobs,
+            "stats": {
+                "read_bytes": read_bytes if isinstance(read_bytes, int) else None,
+                "changed_bytes": sum(d["changed_bytes"] for d in disks),
+                "new_bytes": stats.get("new_bytes", 0), "stored_bytes": stats.get("stored_bytes", 0),
+                "uploaded_chunks": stats.get("uploaded_chunks", 0),
+                "duplicate_chunks": stats.get("duplicate_chunks", 0),
+                "mapped_chunks": stats.get("mapped_chunks", 0),
+                "duration": time.time() - header["created"],
+            },
+        }
+        batch = self.index.batch()
+        self.close_session(batch, header, "committed", record["point_id"])
+        repo.points.save(record, batch)
+        crash_point("after_commit")
+        return record
+
+    def _staged(self, sid: str, ordinal: int) -> dict[int, bytes]:
+        prefix = bytes.fromhex(sid) + ordinal.to_bytes(2, "big")
+        return {int.from_bytes(k[18:], "big"): v for k, v in self.index.scan("staging", prefix)}
+
+    def _fit_edges(self, base: dict, base_root: list[bytes], size: int, changes: dict[int, bytes],
+                   load: Any, reader: Any) -> None:
+        """A resized disk: re-cut the chunks whose length changed (old or new short tail) unless re-sent."""
+        chunk_size = self.repo.chunk_size
+        base_chunks = manifest.chunk_count(base["size"], chunk_size)
+        chunks = manifest.chunk_count(size, chunk_size)
+        for index in {base_chunks - 1, chunks - 1}:
+            if index < 0 or index >= min(chunks, base_chunks) or index in changes:
+                continue
+            page = index // manifest.PAGE_ENTRIES
+            entries = manifest.load_page(load, base_root[page], manifest.page_entries(page, base_chunks))
+            old = entries[index - page * manifest.PAGE_ENTRIES]
+            want = manifest.chunk_length(index, size, chunk_size)
+            if old == ZERO:
+                continue
+            raw = reader.read_digest(old)
+            if len(raw) != want:
+                fitted = raw[:want].ljust(want, b"\0")
+                changes[index] = ZERO if not any(fitted) else self.repo.store_data(fitted)
+
+    def close_session(self, batch: Any, header: dict, state: str, point_id: str | None = None) -> None:
+        """Add to batch: the header's new state, and the removal of staging and base copies."""
+        sid = header["session_id"]
+        batch.put("sessions", f"s:{sid}".encode(),
+                  json.dumps(header | {"state": state, "point_id": point_id, "closed": time.time()}).encode())
+        batch.delete_prefix("staging", bytes.fromhex(sid))
+        for prefix in ("r", "b"):
+            batch.delete_prefix("sessions", f"{prefix}:{sid}/".encode())
+
+    def abort(self, sid: str) -> None:
+        with self._lock:
+            header = self.open_header(sid)
+            batch = self.index.batch()
+            self.close_session(batch, header, "aborted")
+            self.index.write(batch, sync=True)
+        self._touched.pop(sid, None)
+
+    def expire(self, idle_seconds: float, keep_closed_seconds: float) -> int:
+        """Abort sessions idle too long; forget closed ones after a while. Returns sessions touched."""
+        now = time.time()
+        count = 0
+        for key, value in list(self.index.scan("sessions", b"s:")):
+            header = json.loads(value)
+            sid = header["session_id"]
+            if header["state"] == "open":
+                last = max(self._touched.get(sid, 0), self.stats(sid).get("touched", header["created"]))
+                if now - last > idle_seconds and sid not in self._busy:
+                    with self._lock:
+                        batch = self.index.batch()
+                        self.close_session(batch, header, "expired")
+                        self.index.write(batch, sync=True)
+                    count += 1
+            elif now - header.get("closed", now) > keep_closed_seconds:
+                batch = self.index.batch()
+                batch.delete("sessions", key)
+                batch.delete("sessions", f"n:{sid}".encode())
+                self.index.write(batch)
+                self._touched.pop(sid, None)
+                count += 1
+        return count
+
+    def mark_recovered(self, records: list[dict]) -> None:
+        """Point files found at startup without an index entry: their sessions did commit."""
+        for record in records:
+            value = self.index.get("sessions", f"s:{record['session_id']}".encode())
+            if value and json.loads(value)["state"] == "open":
+                batch = self.index.batch()
+                self.close_session(batch, json.loads(value), "committed", record["point_id"])
+                self.index.write(batch, sync=True)
+

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian tools the tests use as independent oracles, when they are missing.
+# Runs as root on CI and on the developers' machines; elsewhere it says what to install.
+set -euo pipefail
+need=()
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-system-deps: missing ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
+  [ "${CI:-}" = "true" ] && exit 1 || exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
