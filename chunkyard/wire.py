@@ -6,6 +6,7 @@ API client. Everything binary is little-endian (DESIGN §4).
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -40,9 +41,14 @@ def digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def is_zero(data: bytes | memoryview) -> bool:
-    """True when every byte is zero (fast path: compare against a zero buffer)."""
-    return not any(data) if len(data) < 64 else data == bytes(len(data))
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+def is_zero(data: bytes) -> bool:
+    """True when every byte is zero: one memcmp against a cached zero buffer (any() is 100x slower)."""
+    return data == _zeros(len(data))
 
 
 @dataclass(frozen=True, slots=True)

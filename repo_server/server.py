@@ -26,6 +26,8 @@ async def serve(config: ServerConfig) -> None:
         logging.warning("recovery: %d chunk records re-indexed, %d torn bytes cut, %d points re-indexed, "
                         "%d stale point entries dropped", rec.records_reindexed, rec.bytes_truncated,
                         repo.points_recovered, repo.points_dropped)
+    for damage in rec.damaged:
+        logging.error("recovery: damaged record at %s (skipped; its chunk fails verification)", damage)
     print(f"Chunkyard {repo.descriptor.repository_id} ({config.data}) serving on "
           f"http://{config.listen}/api/v1 — Ctrl-C stops", flush=True)
     stop = asyncio.Event()

@@ -11,7 +11,7 @@ import random
 
 import zstandard
 
-from chunkyard.wire import ZERO, Client, bitmap_get, make_frame
+from chunkyard.wire import ZERO, Client, bitmap_get, is_zero, make_frame
 
 MiB = 1 << 20
 
@@ -60,7 +60,7 @@ async def backup(
         entries, frames = [], {}
         for i in indices:
             piece = pieces[i]
-            if not any(piece):
+            if is_zero(piece):
                 entries.append((i, ZERO))
                 continue
             frame = make_frame(piece, cctx)

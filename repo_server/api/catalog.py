@@ -132,8 +132,11 @@ async def stream_image(request: web.Request, image: DiskImage, resp: web.StreamR
         while pending:
             await drain_one()
     except Corrupt as e:
+        # Headers are sent: the only honest signal left is to cut the connection short of Content-Length.
         log.error("restore of %s stopped: %s", image.etag, e)
-        raise  # the connection is cut short of Content-Length: the client sees a failed download
+        if request.transport is not None:
+            request.transport.close()
+        raise ConnectionResetError(f"restore aborted: {e}") from e
     finally:
         for _, fut in pending:
             fut.cancel()

@@ -53,6 +53,7 @@ class RecoveryReport:
     packs_scanned: int = 0
     records_reindexed: int = 0
     bytes_truncated: int = 0
+    damaged: list[str] = field(default_factory=list)
 
 
 class _Waiter:
@@ -91,8 +92,9 @@ class ChunkStore:
         newest_open: tuple[int, Path] | None = None
         for path in pack_files:
             pack_id = int(path.stem, 16)
-            state = self.index.get("packs", PACK_KEY.pack(pack_id))
-            if state and json.loads(state)["state"] == "sealed":
+            raw_state = self.index.get("packs", PACK_KEY.pack(pack_id))
+            state = json.loads(raw_state) if raw_state else {"state": "unknown", "size": 0}
+            if state["state"] == "sealed":
                 continue
             report.packs_scanned += 1
             records = read_trailer(path)
@@ -101,14 +103,11 @@ class ChunkStore:
                 continue
             if newest_open is not None:
                 self._seal_stray(*newest_open, report)
-            newest_open = (pack_id, path)
+            newest_open = (pack_id, path, state["size"])
         if newest_open is not None:
-            pack_id, path = newest_open
-            size_before = path.stat().st_size
-            writer = PackWriter.resume(path, pack_id)
-            report.bytes_truncated += size_before - writer.size
-            self._index_recovered(pack_id, writer.records, writer.size, sealed=False, report=report)
-            self._writer = writer
+            self._writer = self._resume(*newest_open, report)
+            self._index_recovered(newest_open[0], self._writer.records, self._writer.size, sealed=False,
+                                  report=report)
         next_id = max((int(p.stem, 16) for p in pack_files), default=0) + 1
         if self.index.counter("next_pack_id") < next_id:
             batch = self.index.batch()
@@ -116,11 +115,16 @@ class ChunkStore:
             self.index.write(batch, sync=True)
         return report
 
-    def _seal_stray(self, pack_id: int, path: Path, report: RecoveryReport) -> None:
-        """An older unsealed pack (crash between roll-over steps): cut its tail and seal it."""
+    def _resume(self, pack_id: int, path: Path, protected_end: int, report: RecoveryReport) -> PackWriter:
         size_before = path.stat().st_size
-        writer = PackWriter.resume(path, pack_id)
+        writer, damaged = PackWriter.resume(path, pack_id, protected_end)
         report.bytes_truncated += size_before - writer.size
+        report.damaged += [f"pack {pack_id:016x} offset {offset}" for offset in damaged]
+        return writer
+
+    def _seal_stray(self, pack_id: int, path: Path, protected_end: int, report: RecoveryReport) -> None:
+        """An older unsealed pack (crash between roll-over steps): cut its tail and seal it."""
+        writer = self._resume(pack_id, path, protected_end, report)
         writer.seal()
         writer.close()
         self._index_recovered(pack_id, writer.records, writer.size, sealed=True, report=report)

@@ -84,14 +84,14 @@ class PackWriter:
         return writer
 
     @classmethod
-    def resume(cls, path: Path, pack_id: int) -> PackWriter:
-        """Reopen an unsealed pack after a restart, cutting any torn tail."""
-        records, valid_end = scan_records(path)
+    def resume(cls, path: Path, pack_id: int, protected_end: int = 0) -> tuple[PackWriter, list[int]]:
+        """Reopen an unsealed pack after a restart, cutting any torn tail; also return damaged offsets."""
+        records, valid_end, damaged = scan_records(path, protected_end)
         writer = cls(path, pack_id, records, valid_end)
         if os.fstat(writer._fd).st_size != valid_end:
             os.ftruncate(writer._fd, valid_end)
             os.fsync(writer._fd)
-        return writer
+        return writer, damaged
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -146,26 +146,38 @@ def read_trailer(path: Path) -> list[Record] | None:
     ]
 
 
-def scan_records(path: Path) -> tuple[list[Record], int]:
-    """Walk an unsealed pack's records; return them and the end of the last intact one."""
+def scan_records(path: Path, protected_end: int = 0) -> tuple[list[Record], int, list[int]]:
+    """Walk an unsealed pack: its intact records, where appending may resume, and damaged offsets.
+
+    A record that fails its checks is skipped by searching for the next intact one, so damage in the
+    middle of a pack never costs the records after it. Only bytes after the last intact record are a
+    torn tail to cut, and never below `protected_end`, the size the index saw after a durable flush.
+    """
     data = path.read_bytes()
     if len(data) < FILE_HEADER.size or data[:8] != FILE_MAGIC:
         raise PackFormatError(f"{path}: not a Chunkyard pack (bad file header)")
+    view = memoryview(data)
     records: list[Record] = []
-    pos = FILE_HEADER.size
+    damaged: list[int] = []
+    pos = end = FILE_HEADER.size
     while pos + RECORD_HEADER.size <= len(data):
         magic, flags, raw_len, stored_len, dig, crc = RECORD_HEADER.unpack_from(data, pos)
         start = pos + RECORD_HEADER.size
         if (
-            magic != RECORD_MAGIC
-            or stored_len > MAX_STORED_LEN
-            or start + stored_len > len(data)
-            or crc32c.crc32c(memoryview(data)[start : start + stored_len]) != crc
+            magic == RECORD_MAGIC
+            and stored_len <= MAX_STORED_LEN
+            and start + stored_len <= len(data)
+            and crc32c.crc32c(view[start : start + stored_len]) == crc
         ):
+            records.append(Record(dig, pos, stored_len, raw_len, flags))
+            pos = end = start + stored_len
+            continue
+        damaged.append(pos)
+        pos = data.find(RECORD_MAGIC, pos + 1)
+        if pos < 0:
             break
-        records.append(Record(dig, pos, stored_len, raw_len, flags))
-        pos = start + stored_len
-    return records, pos
+    damaged = [d for d in damaged if d < end]  # what lies past the last intact record is the torn tail
+    return records, min(max(end, protected_end), len(data)), damaged
 
 
 def parse_record(buf: bytes, record: Record) -> bytes:

@@ -1,0 +1,138 @@
+"""Crash consistency: SIGKILL the real server mid-upload and at every step of a commit, restart it,
+and check that every committed point restores bit-exact and open sessions resume or are cleanly gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+import zstandard
+
+from chunkyard.wire import ApiError, bitmap_get, is_zero, make_frame
+from tests.conftest import ServerProcess
+from tests.helpers import MiB, backup, chunks_of, make_disk, restore
+
+
+@pytest.fixture
+def srv(tmp_path: Path):
+    server = ServerProcess(tmp_path / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def collector_token(srv: ServerProcess) -> str:
+    async with srv.client() as admin:
+        return (await admin.create_token("collector", "crash test"))["token"]
+
+
+async def test_sigkill_during_uploads_then_resume(srv: ServerProcess) -> None:
+    """Kill while several uploads are in flight: committed points survive, the session resumes."""
+    token = await collector_token(srv)
+    base_disk = make_disk("rrrzrr", seed=1)
+    async with srv.client(token) as c:
+        committed = await backup(c, "vm1", {"d0": base_disk})
+        big = make_disk("r" * 48, seed=2)
+        partial = await backup(c, "vm1", {"d0": big}, commit=False)  # opens a session, uploads, maps
+        sid = partial["session_id"]
+        # A second stream of uploads into the same session while we kill the server.
+        more = make_disk("r" * 64, seed=3)
+        cctx = zstandard.ZstdCompressor(level=1)
+        frames = [make_frame(p, cctx) for p in chunks_of(more, MiB)]
+
+        async def pump(part: list) -> None:
+            for i in range(0, len(part), 4):
+                await c.upload(sid, part[i : i + 4])
+
+        tasks = [asyncio.create_task(pump(frames[k::3])) for k in range(3)]
+        await asyncio.sleep(0.15)
+        srv.kill()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert any(isinstance(r, aiohttp.ClientError | ApiError | OSError) for r in results)
+
+    srv.start()
+    async with srv.client() as admin:
+        assert await restore(admin, committed["point_id"], "d0") == base_disk
+    async with srv.client(token) as c:
+        session = await c.json("GET", f"/sessions/{sid}")
+        assert session["state"] == "open"  # the uncommitted session survived the crash and resumes
+        resumed = await backup_into(c, sid, "d0", big)
+        assert resumed["uploaded"] == 0  # everything acknowledged before the kill was durable
+        point = await c.commit(sid)
+    async with srv.client() as admin:
+        assert await restore(admin, point["point_id"], "d0") == big
+
+
+async def backup_into(c, sid: str, disk_id: str, image: bytes) -> dict:
+    """Re-run the upload half of a backup inside an existing session (what a resumed collector does)."""
+    cctx = zstandard.ZstdCompressor(level=1)
+    frames = [make_frame(p, cctx) for p in chunks_of(image, MiB) if not is_zero(p)]
+    bitmap = await c.missing(sid, [f.digest for f in frames])
+    todo = [f for n, f in enumerate(frames) if bitmap_get(bitmap, n)]
+    if todo:
+        await c.upload(sid, todo)
+    await c.map(sid, disk_id, [(i, make_frame(p).digest) for i, p in enumerate(chunks_of(image, MiB))])
+    return {"uploaded": len(todo)}
+
+
+@pytest.mark.parametrize("crash_at, committed", [
+    ("after_pack_sync", False),   # chunks durable in the pack, index not yet written
+    ("after_pages", False),       # manifest pages stored, no point file yet
+    ("after_point_file", True),   # point file durable, index not yet written
+    ("after_commit", True),       # everything written, answer not yet sent
+])
+async def test_sigkill_at_each_commit_step(srv: ServerProcess, crash_at: str, committed: bool) -> None:
+    """A crash between two durable steps of a commit leaves either no point or a complete one."""
+    token = await collector_token(srv)
+    first = make_disk("rrzr", seed=10)
+    second = make_disk("rrrr", seed=11)
+    async with srv.client(token) as c:
+        base = await backup(c, "vm1", {"d0": first})
+    srv.restart(env={"CHUNKYARD_CRASH_AT": crash_at})
+    async with srv.client(token) as c:
+        with pytest.raises((aiohttp.ClientError, ApiError)):
+            await backup(c, "vm1", {"d0": second}, only={"d0": {1, 3}})
+    srv.proc.wait(10)
+    assert srv.proc.returncode == 137
+    srv.start()
+    async with srv.client() as admin:
+        points = await admin.points("vm1")
+        assert await restore(admin, base["point_id"], "d0") == first
+        expected = bytearray(first)
+        expected[MiB : 2 * MiB] = second[MiB : 2 * MiB]
+        expected[3 * MiB :] = second[3 * MiB :]
+        if committed:
+            assert len(points) == 2
+            assert await restore(admin, points[1]["point_id"], "d0") == bytes(expected)
+            stats = await admin.repository()
+            assert stats["point_count"] == 2
+        else:
+            assert [p["point_id"] for p in points] == [base["point_id"]]
+    if not committed:  # the interrupted backup simply runs again
+        async with srv.client(token) as c:
+            again = await backup(c, "vm1", {"d0": second}, only={"d0": {1, 3}})
+        async with srv.client() as admin:
+            assert await restore(admin, again["point_id"], "d0") == bytes(expected)
+
+
+async def test_torn_pack_tail_is_cut_on_restart(srv: ServerProcess) -> None:
+    """Garbage after the last record (a write torn by a crash) is cut; every record before it is kept."""
+    token = await collector_token(srv)
+    disk = make_disk("rrcr", seed=20)
+    async with srv.client(token) as c:
+        point = await backup(c, "vm1", {"d0": disk})
+    srv.kill()
+    packs = sorted((srv.data / "packs").glob("*/*.pack"))
+    size = packs[-1].stat().st_size
+    with open(packs[-1], "ab") as f:
+        f.write(b"CYCK" + os.urandom(3000))  # a record header whose payload never made it
+    srv.start()
+    assert packs[-1].stat().st_size == size
+    async with srv.client() as admin:
+        assert await restore(admin, point["point_id"], "d0") == disk
+    async with srv.client(token) as c:
+        again = await backup(c, "vm2", {"d0": disk})
+        assert again["uploaded"] == 0
