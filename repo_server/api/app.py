@@ -14,7 +14,7 @@ from chunkyard.config import ServerConfig
 from repo_server.engine import Conflict, Corrupt, EngineError, Invalid, NotFound, Repository
 
 from . import admin, catalog, sessions
-from .common import CONFIG, METRICS, POOL, REPO, TOKEN, ApiError, Metrics
+from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
 STATUS = {NotFound: 404, Invalid: 422, Conflict: 409, Corrupt: 500}
@@ -60,6 +60,11 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         status = 499
         raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        if request.get(STREAMING):  # headers already sent: aiohttp closes the connection
+            raise
+        return _json_error(500, "internal", "the server failed on this request; its log has the details")
     finally:
         request.app[METRICS].requests[(route, status)] += 1
 

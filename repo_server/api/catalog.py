@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import deque
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 
+from chunkyard.vdisk import Piece, VhdxLayout
+from chunkyard.wire import ZERO
 from repo_server.engine import Corrupt
+from repo_server.engine.manifest import PAGE_ENTRIES, chunk_length
 from repo_server.engine.points import public
 from repo_server.engine.restore import DiskImage, find_disk
 
-from .common import METRICS, POOL, REPO, ApiError, roles, run, token_of
+from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, token_of
 
 log = logging.getLogger("chunkyard.restore")
 READ_AHEAD = 8  # chunks decompressed and verified ahead of the socket
@@ -53,6 +58,7 @@ async def get_map(request: web.Request) -> web.StreamResponse:
     image = DiskImage(repo, point, request.match_info["disk_id"])
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "ETag": image.etag})
     resp.content_length = image.chunks * 32
+    request[STREAMING] = True
     await resp.prepare(request)
     try:
         for page in range(len(image.root)):
@@ -103,32 +109,54 @@ def parse_range(request: web.Request, size: int, etag: str) -> tuple[int, int] |
     return start, stop
 
 
-async def stream_image(request: web.Request, image: DiskImage, resp: web.StreamResponse, start: int,
-                       stop: int) -> None:
-    """Write bytes [start, stop) of a disk: chunks located in batches, read and verified ahead on the pool."""
+ZERO_BLOCK = bytes(1 << 20)
+
+
+def raw_pieces(image: DiskImage, start: int, stop: int) -> Iterator[Piece]:
+    """The raw image's bytes [start, stop) as chunk slices."""
+    cs = image.chunk_size
+    for index in range(start // cs, (stop - 1) // cs + 1):
+        lo = max(start - index * cs, 0)
+        hi = min(stop - index * cs, chunk_length(index, image.size, cs))
+        yield ("chunk", index, lo, hi - lo)
+
+
+async def stream_pieces(request: web.Request, image: DiskImage, resp: web.StreamResponse,
+                        pieces: Iterable[Piece]) -> None:
+    """Write pieces in order; chunks are located in batches and read, decompressed and verified
+    ahead of the socket on the thread pool."""
     loop = asyncio.get_running_loop()
     pool = request.app[POOL]
-    cs = image.chunk_size
-    first, last = start // cs, (stop - 1) // cs
-    pending: deque[tuple[int, asyncio.Future]] = deque()
     metrics = request.app[METRICS]
+    pending: deque[tuple[asyncio.Future | bytes, int, int]] = deque()
+    located: list = []
+    located_from = 0
 
     async def drain_one() -> None:
-        index, fut = pending.popleft()
-        data = await fut
-        lo = start - index * cs if index == first else 0
-        hi = stop - index * cs if index == last else len(data)
-        await resp.write(data[lo:hi] if lo or hi != len(data) else data)
-        metrics.bytes_out += hi - lo
+        item, lo, n = pending.popleft()
+        data = item if isinstance(item, bytes) else await item
+        if lo + n > len(data):  # the sector padding after an odd-sized disk's last chunk
+            data = data.ljust(lo + n, b"\0")
+        await resp.write(data if lo == 0 and n == len(data) else memoryview(data)[lo : lo + n])
+        metrics.bytes_out += n
 
     try:
-        for batch_start in range(first, last + 1, LOCATE_BATCH):
-            batch_stop = min(last + 1, batch_start + LOCATE_BATCH)
-            locations = await loop.run_in_executor(pool, image.locations, batch_start, batch_stop)
-            for index, loc in enumerate(locations, batch_start):
-                pending.append((index, loop.run_in_executor(pool, image.read_chunk, index, loc)))
-                if len(pending) >= READ_AHEAD:
-                    await drain_one()
+        for piece in pieces:
+            if piece[0] == "bytes":
+                pending.append((piece[1], 0, len(piece[1])))
+            elif piece[0] == "zeros":
+                for done in range(0, piece[1], len(ZERO_BLOCK)):
+                    pending.append((ZERO_BLOCK, 0, min(len(ZERO_BLOCK), piece[1] - done)))
+            else:
+                _, index, lo, n = piece
+                if not located_from <= index < located_from + len(located):
+                    located_from = index
+                    located = await loop.run_in_executor(
+                        pool, image.locations, index, min(image.chunks, index + LOCATE_BATCH))
+                loc = located[index - located_from]
+                pending.append((loop.run_in_executor(pool, image.read_chunk, index, loc), lo, n))
+            while len(pending) >= READ_AHEAD:
+                await drain_one()
         while pending:
             await drain_one()
     except Corrupt as e:
@@ -138,38 +166,93 @@ async def stream_image(request: web.Request, image: DiskImage, resp: web.StreamR
             request.transport.close()
         raise ConnectionResetError(f"restore aborted: {e}") from e
     finally:
-        for _, fut in pending:
+        futures = [item for item, _, _ in pending if isinstance(item, asyncio.Future)]
+        for fut in futures:
             fut.cancel()
-        await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        await asyncio.gather(*futures, return_exceptions=True)
         image.close()
 
 
-@roles("admin", "reader")
-async def get_raw(request: web.Request) -> web.StreamResponse:
+async def download(request: web.Request, fmt: str) -> web.StreamResponse:
+    """A restore download (raw or VHDX) with single-range, ETag and If-Range support."""
     repo = request.app[REPO]
     point = repo.points.get(request.match_info["pid"])
-    find_disk(point, request.match_info["disk_id"])
-    image = DiskImage(repo, point, request.match_info["disk_id"])
+    disk_id = request.match_info["disk_id"]
+    find_disk(point, disk_id)
+    image = DiskImage(repo, point, disk_id)
     try:
-        span = parse_range(request, image.size, image.etag)
-    except ApiError:
+        if fmt == "vhdx":
+            layout = await run(request, request.app[LAYOUTS].get, image)
+            size, etag = layout.total_size, f'"{point["point_id"]}.{disk_id}.vhdx"'
+        else:
+            size, etag = image.size, image.etag
+        span = parse_range(request, size, etag)
+    except BaseException:
         image.close()
         raise
-    start, stop = span or (0, image.size)
+    start, stop = span or (0, size)
     resp = web.StreamResponse(status=206 if span else 200, headers={
-        "Content-Type": "application/octet-stream", "ETag": image.etag, "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{image.disk["disk_id"]}.raw"',
+        "Content-Type": "application/octet-stream", "ETag": etag, "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{disk_id}.{fmt}"',
     })
     if span:
-        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{image.size}"
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     resp.content_length = stop - start
+    request[STREAMING] = True
     await resp.prepare(request)
-    await stream_image(request, image, resp, start, stop)
+    pieces = layout.pieces(start, stop) if fmt == "vhdx" else raw_pieces(image, start, stop)
+    await stream_pieces(request, image, resp, pieces)
     await resp.write_eof()
     return resp
 
 
+SECTOR = 512
+
+
+class LayoutCache:
+    """VHDX layouts of recent downloads: points are immutable, so a resumed download reuses its layout."""
+
+    def __init__(self, size: int = 16):
+        self._size = size
+        self._layouts: OrderedDict[str, VhdxLayout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image: DiskImage) -> VhdxLayout:
+        with self._lock:
+            layout = self._layouts.get(image.etag)
+            if layout is not None:
+                self._layouts.move_to_end(image.etag)
+                return layout
+        present = bytearray(image.chunks)
+        for page, page_digest in enumerate(image.root):
+            if page_digest != ZERO:
+                for i, d in enumerate(image.page(page), page * PAGE_ENTRIES):
+                    present[i] = d != ZERO
+        # VHDX sizes are whole sectors: an odd-sized source (a file or device image) is padded with zeros.
+        size = -(-image.size // SECTOR) * SECTOR
+        layout = VhdxLayout(size, image.chunk_size, bytes(present), seed=image.etag.encode())
+        with self._lock:
+            self._layouts[image.etag] = layout
+            while len(self._layouts) > self._size:
+                self._layouts.popitem(last=False)
+        return layout
+
+
+LAYOUTS = web.AppKey("vhdx_layouts", LayoutCache)
+
+
+@roles("admin", "reader")
+async def get_raw(request: web.Request) -> web.StreamResponse:
+    return await download(request, "raw")
+
+
+@roles("admin", "reader")
+async def get_vhdx(request: web.Request) -> web.StreamResponse:
+    return await download(request, "vhdx")
+
+
 def add_routes(app: web.Application) -> None:
+    app[LAYOUTS] = LayoutCache()
     r = app.router
     r.add_get("/api/v1/vms", list_vms)
     r.add_get("/api/v1/vms/{vm_id}/points", list_points)
@@ -177,4 +260,5 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/api/v1/points/{pid}", delete_point)
     r.add_get("/api/v1/points/{pid}/disks/{disk_id}/map", get_map)
     r.add_get("/api/v1/points/{pid}/disks/{disk_id}/raw", get_raw)
+    r.add_get("/api/v1/points/{pid}/disks/{disk_id}/vhdx", get_vhdx)
     r.add_get("/api/v1/points/{pid}/blobs/{name}", get_blob)

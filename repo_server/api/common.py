@@ -34,6 +34,7 @@ REPO = web.AppKey("repo", Repository)
 POOL = web.AppKey("pool", ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 TOKEN = "chunkyard.token"  # request key: the caller's TokenInfo
+STREAMING = "chunkyard.streaming"  # request key: set once a streamed response has sent its headers
 
 
 class ApiError(web.HTTPException):
