@@ -68,6 +68,11 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "`Content-Range: bytes */size` for malformed, reversed, multi or unsatisfiable ranges), `ETag`, "
         "`If-Range`. A chunk failing verification cuts the stream short of Content-Length.",
         ["admin", "reader"], None, 200, OCTET)},
+    "/points/{pid}/disks/{disk_id}/vhdx": {"get": (
+        "A dynamic VHDX generated on the fly from the point's manifest, importable by Hyper-V: deterministic "
+        "layout (headers, log, metadata, BAT, then present blocks in order; zero chunks unallocated), so "
+        "`Range`, `ETag` and `If-Range` behave as for /raw. A disk whose size is not whole 512-byte sectors "
+        "is padded with zeros.", ["admin", "reader"], None, 200, OCTET)},
     "/points/{pid}/blobs/{name}": {"get": ("A stored configuration file", ["admin", "reader"], None, 200, OCTET)},
 }
 
