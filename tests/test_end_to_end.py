@@ -100,3 +100,26 @@ async def test_vhdx_download_is_valid_and_ranges_match(collector: Client, admin:
         part = b"".join([p async for p in admin.stream_disk(point["point_id"], "d0", fmt="vhdx", start=start,
                                                              stop=stop)])
         assert part == whole[start:stop]
+
+
+async def test_collector_builds_only_on_its_own_points(server, collector: Client, admin: Client) -> None:
+    """A base copies a manifest whose map its session's owner may read: a second collector's "latest" is
+    its own latest point (none here: a full), and naming another collector's point is refused."""
+    from chunkyard.wire import ApiError
+
+    disk = make_disk("rr", seed=41)
+    first = await backup(collector, "vm-s", {"d0": disk})
+    other_token = (await admin.create_token("collector", "other host"))["token"]
+    async with server.client(other_token) as other:
+        session = await other.create_session(host="h2", vm={"id": "vm-s"}, disks=[{"disk_id": "d0",
+                                                                                  "size": len(disk)}])
+        assert session["base_point"] is None
+        try:
+            await other.create_session(host="h2", vm={"id": "vm-s"}, base=first["point_id"],
+                                       disks=[{"disk_id": "d0", "size": len(disk)}])
+            raise AssertionError("another collector's point was accepted as a base")
+        except ApiError as e:
+            assert e.status == 403
+    admin_session = await admin.create_session(host="h", vm={"id": "vm-s"}, disks=[{"disk_id": "d0",
+                                                                                    "size": len(disk)}])
+    assert admin_session["base_point"] == first["point_id"]

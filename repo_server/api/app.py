@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chunkyard.config import ServerConfig
-from repo_server.engine import Conflict, Corrupt, EngineError, Invalid, NotFound, Repository
+from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
 
 from . import admin, catalog, sessions
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
-STATUS = {NotFound: 404, Invalid: 422, Conflict: 409, Corrupt: 500}
+STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500}
 
 
 def _json_error(status: int, code: str, message: str, headers: dict | None = None) -> web.Response:

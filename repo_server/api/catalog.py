@@ -58,8 +58,8 @@ async def get_map(request: web.Request) -> web.StreamResponse:
     image = DiskImage(repo, point, request.match_info["disk_id"])
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "ETag": image.etag})
     resp.content_length = image.chunks * 32
-    request[STREAMING] = True
     await resp.prepare(request)
+    request[STREAMING] = True
     try:
         for page in range(len(image.root)):
             await resp.write(b"".join(await run(request, image.page, page)))
@@ -198,8 +198,8 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
     if span:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     resp.content_length = stop - start
-    request[STREAMING] = True
     await resp.prepare(request)
+    request[STREAMING] = True
     pieces = layout.pieces(start, stop) if fmt == "vhdx" else raw_pieces(image, start, stop)
     await stream_pieces(request, image, resp, pieces)
     await resp.write_eof()

@@ -94,5 +94,5 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
         return {}
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON: {e}") from None

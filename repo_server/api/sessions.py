@@ -94,7 +94,7 @@ async def commit(request: web.Request) -> web.Response:
     sid = _own_session(request)
     reported = await read_json(request, optional=True)
     if not isinstance(reported, dict):
-        raise ApiError(400, "bad_json", "the commit body, when given, must be a JSON object")
+        raise ApiError(422, "bad_body", "the commit body, when given, must be a JSON object")
     record = await run(request, request.app[REPO].sessions.commit, sid, reported)
     return web.json_response({"point_id": record["point_id"], "stats": record["stats"]}, status=201)
 

@@ -40,8 +40,18 @@ def decode(codec: int, raw_len: int, stored: bytes | memoryview) -> bytes:
             raise CodecError(f"raw payload is {len(stored)} bytes, raw_len says {raw_len}")
         return bytes(stored)
     if codec == CODEC_ZSTD:
+        # Check the declared size before decompressing anything: python-zstandard ignores
+        # max_output_size when the frame header declares a size, so a bomb would be inflated first.
         try:
-            raw = _decompressor().decompress(stored, max_output_size=raw_len)
+            declared = zstandard.frame_content_size(stored)
+        except zstandard.ZstdError:
+            raise CodecError("payload is not a zstd frame") from None
+        if declared != raw_len:
+            shown = "no size" if declared < 0 else f"{declared} bytes"
+            raise CodecError(f"zstd frame declares {shown}, raw_len says {raw_len} (one frame with its content "
+                             "size is required)")
+        try:
+            raw = _decompressor().decompress(stored, allow_extra_data=False)
         except zstandard.ZstdError as e:
             raise CodecError(f"zstd payload does not decompress: {e}") from None
         if len(raw) != raw_len:

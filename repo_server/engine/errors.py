@@ -21,6 +21,12 @@ class Invalid(EngineError):
     code = "invalid"
 
 
+class Forbidden(EngineError):
+    """The caller's token may not touch this object (another collector's point or session)."""
+
+    code = "forbidden"
+
+
 class Conflict(EngineError):
     """The target's state forbids the operation (committed session, protected point, ...)."""
 

@@ -102,6 +102,8 @@ class PointStore:
         return [k[len(prefix) :].decode() for k, _ in self.index.scan("points", prefix)]
 
     def of_vm(self, vm_id: str) -> list[dict]:
+        if self.vm(check_name(vm_id, "VM id")) is None:
+            raise NotFound(f"no VM {vm_id} has restore points", "vm_not_found")
         ids = self.ids_of_vm(vm_id)
         values = self.index.multi_get("points", [b"p:" + i.encode() for i in ids])
         return [json.loads(v) for v in values if v is not None]

@@ -22,7 +22,7 @@ from chunkyard.wire import CODECS, DIGEST_LEN, MAP_RECORD, MAX_MISSING_QUERY, ZE
 from . import manifest
 from .chunk_store import NewChunk, PutResult
 from .codec import CodecError, decode
-from .errors import Conflict, Invalid, NotFound
+from .errors import Conflict, Forbidden, Invalid, NotFound
 from .faults import crash_point
 from .names import check_hex_id, check_name
 from .points import new_point_id
@@ -84,7 +84,7 @@ class SessionStore:
         vm = _json_field(body, "vm", dict)
         vm_id = check_name(vm.get("id"), "vm.id")
         vm_name = _json_field(vm, "name", str, required=False) or vm_id
-        consistency = _json_field(body, "consistency", str, required=False) or "crash"
+        consistency = body.get("consistency", "crash")
         if consistency not in CONSISTENCY_LEVELS:
             raise Invalid(f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}", "bad_field")
         rct = _json_field(body, "rct", dict, required=False) or {}
@@ -106,7 +106,7 @@ class SessionStore:
             disks.append({"disk_id": disk_id, "name": name, "size": size, "rct": rct_id})
         if len({d["disk_id"] for d in disks}) != len(disks):
             raise Invalid("disk ids must be unique within a session", "bad_field")
-        base = self._base_point(vm_id, body.get("base", "latest"))
+        base = self._base_point(vm_id, body.get("base", "latest"), token)
         sid = secrets.token_hex(16)
         now = time.time()
         header = {"session_id": sid, "state": "open", "host": host, "vm": {"id": vm_id, "name": vm_name},
@@ -127,16 +127,26 @@ class SessionStore:
         self._touched[sid] = now
         return {"session_id": sid, "base_point": header["base_point"], "chunk_size": self.repo.chunk_size}
 
-    def _base_point(self, vm_id: str, base: object) -> dict | None:
+    def _base_point(self, vm_id: str, base: object, token: TokenInfo) -> dict | None:
+        """The point a session builds on. A collector builds only on points it created itself: a base
+        copies its manifest, whose map the collector may then read."""
+        own = token.role != "collector"
         if base is None:
             return None
         if base == "latest":
-            return self.repo.points.latest(vm_id)
+            if own:
+                return self.repo.points.latest(vm_id)
+            if self.repo.points.vm(vm_id) is None:
+                return None
+            mine = [p for p in self.repo.points.of_vm(vm_id) if p["token_id"] == token.id]
+            return mine[-1] if mine else None
         if not isinstance(base, str):
             raise Invalid("base must be \"latest\", a point id or null", "bad_field")
         point = self.repo.points.get(base)
         if point["vm"]["id"] != vm_id:
             raise Invalid(f"base point {base} belongs to another VM ({point['vm']['id']})", "bad_base")
+        if not own and point["token_id"] != token.id:
+            raise Forbidden(f"base point {base} was created by another token", "forbidden")
         return point
 
     def header(self, sid: str) -> dict:
@@ -190,7 +200,8 @@ class SessionStore:
     def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
         self.open_header(sid)
         result = self.repo.chunks.put(chunks)
-        new_raw = sum(c.raw_len for c in chunks if c.digest in set(result.stored_digests))
+        stored = set(result.stored_digests)
+        new_raw = sum(c.raw_len for c in chunks if c.digest in stored)
         self._add_stats(sid, uploaded_chunks=result.stored, duplicate_chunks=result.duplicate,
                         new_bytes=new_raw, stored_bytes=result.bytes)
         return result

@@ -26,7 +26,8 @@ class TokenInfo:
 
 
 def _key(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    # Header bytes that are not UTF-8 arrive as surrogates: they can never match, so hash them anyway.
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
 class TokenStore:
