@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -29,6 +30,17 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_module(name: str):
+    """Import a test oracle module; a missing one fails under CI=true and skips elsewhere."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"Python module {name} is not installed (make test installs it with the [test] extras)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def free_port() -> int:

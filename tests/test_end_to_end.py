@@ -81,7 +81,7 @@ async def test_vhdx_download_is_valid_and_ranges_match(collector: Client, admin:
     import subprocess
 
     from chunkyard.vdisk import open_vhdx
-    from tests.conftest import require_tool
+    from tests.conftest import require_module, require_tool
 
     qemu_img = require_tool("qemu-img")
     disk = make_disk("rzr1zzc1", tail=70_001, seed=31)  # not a whole sector
@@ -96,6 +96,13 @@ async def test_vhdx_download_is_valid_and_ranges_match(collector: Client, admin:
     assert (tmp_path / "d0.raw").read_bytes() == padded
     with open_vhdx(path) as vhdx:
         assert vhdx.read(0, vhdx.virtual_size) == padded
+    pyvhdi = require_module("pyvhdi")
+    f = pyvhdi.file()
+    f.open(str(path))
+    try:
+        assert f.read_buffer_at_offset(f.media_size, 0) == padded
+    finally:
+        f.close()
     for start, stop in ((0, 1), (1 << 20, 3 << 20), (len(whole) - 5000, len(whole)), (12345, 4 << 20)):
         part = b"".join([p async for p in admin.stream_disk(point["point_id"], "d0", fmt="vhdx", start=start,
                                                              stop=stop)])
