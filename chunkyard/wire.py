@@ -217,8 +217,12 @@ class Client:
         async with resp:
             return await resp.json()
 
-    async def commit(self, sid: str) -> dict:
-        return await self.json("POST", f"/sessions/{sid}/commit")
+    async def commit(self, sid: str, *, read_bytes: int | None = None, rct: dict | None = None) -> dict:
+        body = {k: v for k, v in (("read_bytes", read_bytes), ("rct", rct)) if v is not None}
+        return await self.json("POST", f"/sessions/{sid}/commit", body or None)
+
+    async def session(self, sid: str) -> dict:
+        return await self.json("GET", f"/sessions/{sid}")
 
     async def abort(self, sid: str) -> None:
         resp = await self._request("DELETE", f"/sessions/{sid}")

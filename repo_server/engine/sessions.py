@@ -125,7 +125,9 @@ class SessionStore:
                                      "stored_bytes": 0, "mapped_chunks": 0, "touched": now})
         self.index.write(batch, sync=True)
         self._touched[sid] = now
-        return {"session_id": sid, "base_point": header["base_point"], "chunk_size": self.repo.chunk_size}
+        return {"session_id": sid, "base_point": header["base_point"], "chunk_size": self.repo.chunk_size,
+                "base_disks": [{"disk_id": d["disk_id"], "size": d["size"], "rct": d.get("rct")}
+                               for d in (base["disks"] if base else [])]}
 
     def _base_point(self, vm_id: str, base: object, token: TokenInfo) -> dict | None:
         """The point a session builds on. A collector builds only on points it created itself: a base
@@ -259,15 +261,28 @@ class SessionStore:
     # ---------------------------------------------------------------- commit
 
     def commit(self, sid: str, reported: dict | None = None) -> dict:
+        """Assemble and record the point. `reported` may carry the collector's read_bytes and the
+        change-tracking ids it obtained after reading (Hyper-V knows them only then)."""
+        reported = reported or {}
+        rct = reported.get("rct") or {}
+        if not isinstance(rct, dict) or not all(isinstance(v, str) for v in rct.values()):
+            raise Invalid("rct must map disk ids to change-tracking id strings", "bad_field")
+        read_bytes = reported.get("read_bytes")
+        if read_bytes is not None and (not isinstance(read_bytes, int) or isinstance(read_bytes, bool)
+                                       or read_bytes < 0):
+            raise Invalid("read_bytes must be a non-negative integer", "bad_field")
         with self._lock:
             header = self.open_header(sid)
             self._busy.add(sid)
         try:
-            return self._commit(header, reported or {})
+            unknown = set(rct) - {d["disk_id"] for d in header["disks"]}
+            if unknown:
+                raise Invalid(f"rct names disks not in the session: {sorted(unknown)}", "bad_field")
+            return self._commit(header, read_bytes, rct)
         finally:
             self._busy.discard(sid)
 
-    def _commit(self, header: dict, reported: dict) -> dict:
+    def _commit(self, header: dict, read_bytes: int | None, rct: dict[str, str]) -> dict:
         sid = header["session_id"]
         repo, chunk_size = self.repo, self.repo.chunk_size
         disks = []
@@ -289,7 +304,8 @@ class SessionStore:
                     base_root=base_root, base_size=base["size"], base_allocated=base["allocated_chunks"],
                     size=disk["size"], chunk_size=chunk_size, changes=changes, load=load, store=store,
                 )
-                disks.append(disk | {"pages": [p.hex() for p in result.root],
+                disks.append(disk | {"rct": rct.get(disk["disk_id"], disk["rct"]),
+                                     "pages": [p.hex() for p in result.root],
                                      "allocated_chunks": result.allocated_chunks,
                                      "changed_chunks": result.changed_chunks,
                                      "changed_bytes": result.changed_bytes})
@@ -297,13 +313,12 @@ class SessionStore:
         blobs = {k.decode().split("/", 1)[1]: json.loads(v)
                  for k, v in self.index.scan("sessions", f"b:{sid}/".encode())}
         stats = self.stats(sid)
-        read_bytes = reported.get("read_bytes")
         record = {
             "point_id": new_point_id(), "session_id": sid, "vm": header["vm"], "host": header["host"],
             "created": time.time(), "consistency": header["consistency"], "base_point": header["base_point"],
             "chunk_size": chunk_size, "token_id": header["token_id"], "disks": disks, "blobs": blobs,
             "stats": {
-                "read_bytes": read_bytes if isinstance(read_bytes, int) else None,
+                "read_bytes": read_bytes,
                 "changed_bytes": sum(d["changed_bytes"] for d in disks),
                 "new_bytes": stats.get("new_bytes", 0), "stored_bytes": stats.get("stored_bytes", 0),
                 "uploaded_chunks": stats.get("uploaded_chunks", 0),
