@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v smbd >/dev/null 2>&1 || need+=(samba)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-system-deps: missing ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
