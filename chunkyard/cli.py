@@ -180,6 +180,36 @@ def cmd_points(args: argparse.Namespace) -> None:
     _print(args, _call(args, lambda c: c.points(args.vm)), table)
 
 
+def cmd_restore(args: argparse.Namespace) -> None:
+    from chunkyard.restore import RestoreError, part_paths, restore_disk
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UserError(f"{out} exists: pass --force to overwrite it (it is replaced only once the restore "
+                        "has been verified)")
+    if args.attempts < 1:
+        raise UserError("--attempts must be at least 1")
+    try:
+        summary = _call(args, lambda c: restore_disk(c, args.point, args.disk, out, args.format,
+                                                     attempts=args.attempts))
+    except RestoreError as e:
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        part = part_paths(out)[0]
+        if part.exists():
+            print(f"\nchunkyard: interrupted; {part} is kept: run the same command again to resume",
+                  file=sys.stderr)
+        raise
+
+    def line(s: dict) -> None:
+        resumed = f", resumed at {format_size(s['resumed_from'])}" if s["resumed_from"] else ""
+        print(f"Restored disk {s['disk_id']} of point {s['point_id']} to {s['file']} ({s['format']}, "
+              f"{format_size(s['bytes'])}{resumed}) in {s['seconds']:.1f} s ({format_size(s['rate'])}/s); "
+              "verified against the point's digest map.")
+
+    _print(args, summary, line)
+
+
 def cmd_stats(args: argparse.Namespace) -> None:
     def table(s: dict) -> None:
         for key, value in s.items():
@@ -240,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm", help="VM id")
     client_args(p)
     p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser(
+        "restore", help="download a disk of a restore point as VHDX or raw, verified",
+        description="Download one disk of a restore point to FILE, as a dynamic VHDX that Hyper-V can attach "
+                    "or as a raw image. The download goes to FILE.part and becomes FILE only after every "
+                    "chunk has been checked against the point's BLAKE3 digest map; an interrupted restore "
+                    "resumes where it stopped when the same command is run again.",
+        epilog="Example: chunkyard restore 0194c3a1f2e07d3b9a12 --disk d0 -o d0.vhdx")
+    p.add_argument("point", metavar="POINT", help="restore point id (see `chunkyard points VM`)")
+    p.add_argument("--disk", metavar="DISK", help="disk id to restore; may be left out when the point has one disk")
+    p.add_argument("--format", choices=("vhdx", "raw"), default="vhdx",
+                   help="vhdx: dynamic VHDX, sparse where the disk is zero (default); raw: a flat disk image")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the disk")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--attempts", type=int, default=5, metavar="N",
+                   help="give up after N broken or refused attempts in a row that make no progress (default 5)")
+    client_args(p)
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("stats", help="repository size, dedup and compression")
     client_args(p)

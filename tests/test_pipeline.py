@@ -42,7 +42,8 @@ async def backup_file(client: Client, path: Path, vm: str, **options) -> object:
 
 def test_chunk_spans_align_and_merge() -> None:
     cs = 100
-    assert chunk_spans([(250, 10), (0, 1), (99, 2), (260, 200), (1000, 5)], 1000, cs) == [(0, 5)]  # adjacent spans merge
+    spans = chunk_spans([(250, 10), (0, 1), (99, 2), (260, 200), (1000, 5)], 1000, cs)
+    assert spans == [(0, 5)]  # adjacent spans merge; the range past the end is dropped
     assert chunk_spans([(950, 500)], 990, cs) == [(9, 10)]
 
 
@@ -83,8 +84,8 @@ async def test_vhdx_file_source(tmp_path: Path, collector: Client, admin: Client
     raw = tmp_path / "src.raw"
     write_sparse(raw, image)
     vhdx = tmp_path / "sys.vhdx"
-    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1048576", str(raw),
-                    str(vhdx)], check=True)
+    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1048576",
+                    str(raw), str(vhdx)], check=True)
     result = await backup_file(collector, vhdx, "vm-x")
     assert result.disks[0].disk_id == "sys.vhdx"
     assert await restore(admin, result.point_id, "sys.vhdx") == image

@@ -115,3 +115,19 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
                                                                       "127.0.0.1", 8)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+async def test_head_of_downloads_sends_headers_only(server: ServerProcess, admin: Client) -> None:
+    """HEAD must not stream (or read) the disk: a reused connection would otherwise be corrupted."""
+    import aiohttp
+
+    point = await backup(admin, "vm1", {"d0": b"\x07" * (3 << 20)})
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        for fmt in ("raw", "vhdx", "map"):
+            url = f"{server.url}/api/v1/points/{point['point_id']}/disks/d0/{fmt}"
+            async with s.head(url) as r:
+                assert r.status == 200 and int(r.headers["Content-Length"]) > 0
+                assert await r.read() == b""
+            async with s.get(url, headers={"Range": "bytes=0-9"} if fmt != "map" else {}) as r:
+                assert r.status in (200, 206)  # the same connection still works

@@ -59,6 +59,9 @@ async def get_map(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "ETag": image.etag})
     resp.content_length = image.chunks * 32
     await resp.prepare(request)
+    if request.method == "HEAD":
+        image.close()
+        return resp
     request[STREAMING] = True
     try:
         for page in range(len(image.root)):
@@ -199,6 +202,9 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     resp.content_length = stop - start
     await resp.prepare(request)
+    if request.method == "HEAD":  # aiohttp routes HEAD here too: headers only, no chunk reads
+        image.close()
+        return resp
     request[STREAMING] = True
     pieces = layout.pieces(start, stop) if fmt == "vhdx" else raw_pieces(image, start, stop)
     await stream_pieces(request, image, resp, pieces)

@@ -51,7 +51,9 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
                                              ["admin", "collector"], "binary", 201, JSON_OBJ)},
     "/sessions/{sid}/commit": {"post": (
         "Assemble the synthetic full and create the restore point; all-or-nothing. Optional body "
-        '{"read_bytes": n, "rct": {disk_id: id}}: the collector-side read counter and the change-tracking ids obtained after reading (they override those given at session creation).', ["admin", "collector"], "json-optional",
+        '{"read_bytes": n, "rct": {disk_id: id}}: the collector-side read counter and the change-tracking ids '
+        "obtained after reading (they override those given at session creation).", ["admin", "collector"],
+        "json-optional",
         201, JSON_OBJ)},
     "/vms": {"get": ("VMs with restore points", ["admin", "reader"], None, 200, JSON_OBJ)},
     "/vms/{vm_id}/points": {"get": ("Restore points of a VM, oldest first", ["admin", "reader"], None, 200,
