@@ -13,7 +13,7 @@ from aiohttp import web
 from chunkyard.config import ServerConfig
 from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
 
-from . import admin, catalog, sessions
+from . import admin, catalog, jobs, sessions
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
@@ -94,6 +94,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None) -> web.Appl
     admin.add_routes(app)
     sessions.add_routes(app)
     catalog.add_routes(app)
+    jobs.add_routes(app)
     return app
 
 

@@ -75,6 +75,13 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "layout (headers, log, metadata, BAT, then present blocks in order; zero chunks unallocated), so "
         "`Range`, `ETag` and `If-Range` behave as for /raw. A disk whose size is not whole 512-byte sectors "
         "is padded with zeros.", ["admin", "reader"], None, 200, OCTET)},
+    "/admin/gc": {"post": (
+        "Start a garbage collection job (mark from all points and open sessions, sweep, compact packs whose "
+        'live fraction is under compact_below). Backups continue meanwhile. Optional body {"compact_below": 0.5}.'
+        " Answers 202 with the job; follow it at /jobs/{id}.", ["admin"], "json-optional", 202, JSON_OBJ)},
+    "/jobs": {"get": ("Recent maintenance jobs", ["admin", "reader"], None, 200, JSON_OBJ)},
+    "/jobs/{job_id}": {"get": ("A job's state, phase, progress (done/total) and result", ["admin", "reader"], None,
+                               200, JSON_OBJ)},
     "/points/{pid}/blobs/{name}": {"get": ("A stored configuration file", ["admin", "reader"], None, 200, OCTET)},
 }
 

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .barrier import GcBarrier
 from .codec import CodecError, decode_verified
 from .errors import Corrupt, NotFound
 from .faults import crash_point
@@ -22,6 +23,7 @@ from .pack import (
     PackFormatError,
     PackWriter,
     Record,
+    fsync_dir,
     pack_path,
     parse_record,
     read_trailer,
@@ -66,11 +68,13 @@ class _Waiter:
 
 
 class ChunkStore:
-    def __init__(self, index: Index, root: Path, *, pack_size: int = 32 << 20):
+    def __init__(self, index: Index, root: Path, barrier: GcBarrier, *, pack_size: int = 32 << 20):
         self.index = index
         self.root = root
+        self.barrier = barrier
         self.pack_size = pack_size
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # the open pack, the chunk index and the counters: one writer
         self._queue: list[tuple[list[NewChunk], _Waiter]] = []
         self._flushing = False
         self._writer: PackWriter | None = None
@@ -163,7 +167,8 @@ class ChunkStore:
                     self._flushing = False
                     break
             try:
-                self._flush(work)
+                with self._write_lock:
+                    self._flush(work)
             except BaseException as e:
                 for _, w in work:
                     w.error = e
@@ -176,8 +181,10 @@ class ChunkStore:
 
     def _flush(self, work: list[tuple[list[NewChunk], _Waiter]]) -> None:
         all_digests = list({c.digest for chunks, _ in work for c in chunks})
-        present = {d for d, v in zip(all_digests, self.index.multi_get("chunks", all_digests),
-                                     strict=True) if v is not None}
+        with self.barrier.lock:  # a duplicate must not be swept after we said it is stored
+            found = self.index.multi_get("chunks", all_digests)
+            self.barrier.touch(all_digests)
+        present = {d for d, v in zip(all_digests, found, strict=True) if v is not None}
         written: dict[bytes, tuple[int, Record]] = {}
         results = []
         touched_packs: dict[int, PackWriter] = {}
@@ -232,6 +239,11 @@ class ChunkStore:
         self.unique_bytes += record.raw_len
         self.stored_bytes += record.stored_len + RECORD_HEADER.size
 
+    def _count_gone(self, record: Record) -> None:
+        self.chunk_count -= 1
+        self.unique_bytes -= record.raw_len
+        self.stored_bytes -= record.stored_len + RECORD_HEADER.size
+
     def _put_counters(self, batch) -> None:
         for name in ("chunk_count", "unique_bytes", "stored_bytes", "pack_count"):
             batch.put("meta", name.encode(), U64.pack(getattr(self, name)))
@@ -239,6 +251,84 @@ class ChunkStore:
     def _put_pack_state(self, batch, pack_id: int, state: str, size: int, records: int) -> None:
         batch.put("packs", PACK_KEY.pack(pack_id),
                   json.dumps({"state": state, "size": size, "records": records}).encode())
+
+    # ---------------------------------------------------------------- maintenance (gc.py)
+
+    def forget(self, dead: list[Location]) -> None:
+        """Drop swept chunks from the index (their bytes stay in packs until compaction)."""
+        with self._write_lock:
+            batch = self.index.batch()
+            for loc in dead:
+                batch.delete("chunks", loc.record.digest)
+                self._count_gone(loc.record)
+            self._put_counters(batch)
+            self.index.write(batch, sync=True)
+
+    def relocate(self, pack_id: int) -> int:
+        """Copy a sealed pack's live records into the open pack, point the index at the copies, then
+        delete the old pack. Crash-safe: copies are durable before the index moves, and the old file
+        goes only after. Returns the bytes freed."""
+        path = pack_path(self.root, pack_id)
+        records = read_trailer(path)
+        if records is None:
+            raise Corrupt(f"pack {pack_id:016x} has no valid trailer; run `chunkyard repair --check`")
+        with self._write_lock, ChunkReader(self) as reader:
+            current = self.index.locate_many([r.digest for r in records])
+            moved: list[tuple[bytes, int, Record]] = []
+            lost: list[Location] = []
+            for record, loc in zip(records, current, strict=True):
+                if loc is None or loc.pack_id != pack_id or loc.record.offset != record.offset:
+                    continue  # dead, or a newer copy elsewhere
+                try:
+                    stored = reader.read_stored(loc)
+                except Corrupt:
+                    lost.append(loc)  # quarantined: the next backup's `missing` asks for it again
+                    continue
+                writer = self._open_writer()
+                moved.append((record.digest, writer.pack_id, writer.append(record.digest, record.flags,
+                                                                           record.raw_len, stored)))
+                if writer.size >= self.pack_size:
+                    writer.seal()
+                    writer.close()
+                    self._writer = None
+                    self._put_state_now(writer)
+            if self._writer is not None:
+                self._writer.sync()
+            crash_point("after_relocate_copy")
+            batch = self.index.batch()
+            for d, new_pack, record in moved:
+                batch.put("chunks", d, Location(new_pack, record).encode())
+            for loc in lost:
+                batch.delete("chunks", loc.record.digest)
+                self._count_gone(loc.record)
+            if self._writer is not None:
+                self._put_pack_state(batch, self._writer.pack_id, "open", self._writer.size,
+                                     len(self._writer.records))
+            self.index.write(batch, sync=True)
+            crash_point("after_relocate_index")
+            return self.delete_pack(pack_id)
+
+    def open_pack_id(self) -> int | None:
+        writer = self._writer
+        return writer.pack_id if writer is not None else None
+
+    def delete_pack(self, pack_id: int) -> int:
+        """Remove a pack no index entry points to."""
+        path = pack_path(self.root, pack_id)
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        batch = self.index.batch()
+        batch.delete("packs", PACK_KEY.pack(pack_id))
+        self.pack_count -= 1
+        self._put_counters(batch)
+        self.index.write(batch, sync=True)
+        return size
+
+    def _put_state_now(self, writer: PackWriter) -> None:
+        batch = self.index.batch()
+        self._put_pack_state(batch, writer.pack_id, "sealed", writer.size, len(writer.records))
+        self.index.write(batch)
 
     def mark_bad(self, digest: bytes, reason: str) -> None:
         """Remember a chunk that failed verification, for verify jobs and operators."""
@@ -292,8 +382,16 @@ class ChunkReader:
 
     def read_stored(self, loc: Location) -> bytes:
         """The stored (possibly compressed) bytes of a record, CRC-checked."""
+        try:
+            fd = self._fd(loc.pack_id)
+        except Corrupt:
+            moved = self._store.index.locate(loc.record.digest)  # compaction moved it since the lookup
+            if moved is None or moved.pack_id == loc.pack_id:
+                raise
+            loc = moved
+            fd = self._fd(loc.pack_id)
         rec = loc.record
-        buf = os.pread(self._fd(loc.pack_id), RECORD_HEADER.size + rec.stored_len, rec.offset)
+        buf = os.pread(fd, RECORD_HEADER.size + rec.stored_len, rec.offset)
         try:
             return parse_record(buf, rec)
         except PackFormatError as e:

@@ -25,7 +25,7 @@ from rocksdict import (
 
 from .pack import Record
 
-COLUMN_FAMILIES = ("chunks", "packs", "points", "sessions", "staging", "tokens", "meta")
+COLUMN_FAMILIES = ("chunks", "packs", "points", "sessions", "staging", "tokens", "meta", "marks")
 LOCATION = struct.Struct("<QQIIB")
 U64 = struct.Struct("<Q")
 
@@ -76,6 +76,10 @@ class Batch:
         if end is None:
             raise ValueError("an all-0xFF prefix has no range end")
         self._wb.delete_range(prefix, end, self._index.handles[cf])
+
+    def clear(self, cf: str) -> None:
+        """Delete every key of a column family (keys here are at most 64 bytes)."""
+        self._wb.delete_range(b"", b"\xff" * 65, self._index.handles[cf])
 
     def __len__(self) -> int:
         return len(self._wb)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import threading
 import time
 import tomllib
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from chunkyard.wire import ZERO, digest
 
+from .barrier import GcBarrier
 from .chunk_store import ChunkStore, NewChunk, RecoveryReport
 from .codec import compress
 from .durable import write_atomic
@@ -119,7 +121,9 @@ class Repository:
             os.close(self._lock_fd)
             raise RepositoryError(f"cannot open the index in {data / 'index'}: {e}; "
                                   "`chunkyard repair --rebuild-index` rebuilds it from the packs", "bad_index") from e
-        self.chunks = ChunkStore(self.index, data / "packs", pack_size=pack_size)
+        self.barrier = GcBarrier()
+        self.gc_lock = threading.Lock()
+        self.chunks = ChunkStore(self.index, data / "packs", self.barrier, pack_size=pack_size)
         self.points = PointStore(self.index, data / "points")
         self.sessions = SessionStore(self)
         self.tokens = TokenStore(self.index)

@@ -35,6 +35,7 @@ CONSISTENCY_LEVELS = ("application", "crash", "saved-state")
 MAX_DISK_SIZE = 64 << 40  # the VHDX maximum
 MAX_DISKS = 256
 STAGING_KEY = struct.Struct(">16sHQ")
+PIN_ORDINAL = b"\xff\xff"  # staging keys sid | ffff | digest: chunks `missing` reported present (GC pins)
 INDEX_BATCH = 1000
 
 
@@ -115,6 +116,7 @@ class SessionStore:
         batch = self.index.batch()
         batch.put("sessions", f"s:{sid}".encode(), json.dumps(header).encode())
         base_disks = {d["disk_id"]: d for d in base["disks"]} if base else {}
+        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in base_disks.values() for p in d["pages"])
         for d in disks:
             b = base_disks.get(d["disk_id"])
             if b:
@@ -192,8 +194,20 @@ class SessionStore:
             raise Invalid(f"the body must be 1..{MAX_MISSING_QUERY} digests of 32 bytes; got {len(body)} bytes",
                           "bad_body")
         digests = [body[i : i + DIGEST_LEN] for i in range(0, len(body), DIGEST_LEN)]
-        found = self.index.multi_get("chunks", digests)
+        barrier = self.repo.barrier
+        pin = bytes.fromhex(sid) + PIN_ORDINAL
         bitmap = bytearray((len(digests) + 7) // 8)
+        # The answer "present" is a promise the chunk stays until the session ends: record it (pins,
+        # and the GC barrier) in the same critical section as the lookup, so a sweep cannot slip between.
+        with barrier.lock:
+            found = self.index.multi_get("chunks", digests)
+            present = [d for d, v in zip(digests, found, strict=True) if v is not None]
+            for start in range(0, len(present), INDEX_BATCH):
+                batch = self.index.batch()
+                for d in present[start : start + INDEX_BATCH]:
+                    batch.put("staging", pin + d, b"")
+                self.index.write(batch)
+            barrier.touch(present)
         for i, (d, v) in enumerate(zip(digests, found, strict=True)):
             if v is None and d != ZERO:
                 bitmap[i >> 3] |= 1 << (i & 7)
@@ -222,6 +236,13 @@ class SessionStore:
                 raise Invalid(f"chunk index {index} is beyond the end of disk {disk_id} "
                               f"({chunks} chunks of {chunk_size} bytes)", "index_out_of_range")
         nonzero = [d for _, d in records if d != ZERO]
+        with self.repo.barrier.lock:  # checked present and staged (or barriered) before any sweep
+            self._check_and_stage(sid, ordinal, disk, records, nonzero)
+        self._add_stats(sid, mapped_chunks=len(records))
+        return len(records)
+
+    def _check_and_stage(self, sid: str, ordinal: int, disk: dict, records: list, nonzero: list[bytes]) -> None:
+        disk_id, size, chunk_size = disk["disk_id"], disk["size"], self.repo.chunk_size
         locations = dict(zip(nonzero, self.repo.index.locate_many(nonzero), strict=True))
         for index, d in records:
             if d == ZERO:
@@ -240,8 +261,7 @@ class SessionStore:
             for index, d in records[start : start + INDEX_BATCH]:
                 batch.put("staging", STAGING_KEY.pack(sid_bytes, ordinal, index), d)
             self.index.write(batch, sync=start + INDEX_BATCH >= len(records))
-        self._add_stats(sid, mapped_chunks=len(records))
-        return len(records)
+        self.repo.barrier.touch(nonzero)
 
     def _disk(self, header: dict, disk_id: str) -> tuple[int, dict]:
         for ordinal, disk in enumerate(header["disks"]):
@@ -309,6 +329,7 @@ class SessionStore:
                                      "allocated_chunks": result.allocated_chunks,
                                      "changed_chunks": result.changed_chunks,
                                      "changed_bytes": result.changed_bytes})
+        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in disks for p in d["pages"])
         crash_point("after_pages")
         blobs = {k.decode().split("/", 1)[1]: json.loads(v)
                  for k, v in self.index.scan("sessions", f"b:{sid}/".encode())}

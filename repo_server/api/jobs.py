@@ -1,0 +1,126 @@
+"""Maintenance jobs (GC, verify, prune): run on their own thread, observed at GET /jobs/{id}."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+
+from repo_server.engine import EngineError
+
+from .common import REPO, ApiError, read_json, roles
+
+log = logging.getLogger("chunkyard.jobs")
+KEEP = 100  # finished jobs remembered
+
+
+class Job:
+    def __init__(self, job_id: str, kind: str, params: dict):
+        self.id, self.kind, self.params = job_id, kind, params
+        self.state = "running"
+        self.phase, self.done, self.total = "starting", 0, None
+        self.started, self.finished = time.time(), None
+        self.result: Any = None
+        self.error: str | None = None
+
+    def progress(self, phase: str, done: int, total: int | None) -> None:
+        self.phase, self.done, self.total = phase, done, total
+
+    def public(self) -> dict:
+        result = dataclasses.asdict(self.result) if dataclasses.is_dataclass(self.result) else self.result
+        return {"id": self.id, "kind": self.kind, "params": self.params, "state": self.state,
+                "phase": self.phase, "done": self.done, "total": self.total, "started": self.started,
+                "finished": self.finished, "result": result, "error": self.error}
+
+
+class JobManager:
+    """One maintenance thread: jobs queue behind each other instead of fighting for the disk."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maintenance")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, params: dict, work: Callable[[Job], Any]) -> Job:
+        job = Job(f"{kind}-{int(time.time())}-{next(self._ids)}", kind, params)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > KEEP and next(iter(self._jobs.values())).state != "running":
+                self._jobs.popitem(last=False)
+
+        def run() -> None:
+            try:
+                job.result = work(job)
+                job.state = "done"
+            except EngineError as e:
+                job.state, job.error = "failed", e.message
+            except Exception as e:  # a job must report, never vanish
+                log.exception("job %s failed", job.id)
+                job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+            finally:
+                job.finished = time.time()
+
+        asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r:.80} (jobs are kept until {KEEP} newer ones)")
+        return job
+
+    def list(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+JOBS = web.AppKey("jobs", JobManager)
+
+
+@roles("admin")
+async def start_gc(request: web.Request) -> web.Response:
+    from repo_server.engine.gc import GarbageCollector
+
+    body = await read_json(request, optional=True)
+    compact_below = body.get("compact_below", 0.5) if isinstance(body, dict) else None
+    if not isinstance(compact_below, int | float) or isinstance(compact_below, bool) or not 0 <= compact_below <= 1:
+        raise ApiError(422, "bad_field", 'the body may hold {"compact_below": 0..1} (default 0.5)')
+    repo = request.app[REPO]
+    job = request.app[JOBS].start("gc", {"compact_below": compact_below},
+                                  lambda job: GarbageCollector(repo, job.progress, compact_below=compact_below).run())
+    return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+@roles("admin", "reader")
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(request.app[JOBS].get(request.match_info["job_id"]).public())
+
+
+@roles("admin", "reader")
+async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response({"jobs": [j.public() for j in request.app[JOBS].list()]})
+
+
+def add_routes(app: web.Application) -> None:
+    app[JOBS] = JobManager()
+
+    async def stop_jobs(app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, app[JOBS].shutdown)
+
+    app.on_shutdown.append(stop_jobs)
+    r = app.router
+    r.add_post("/api/v1/admin/gc", start_gc)
+    r.add_get("/api/v1/jobs", list_jobs)
+    r.add_get("/api/v1/jobs/{job_id}", get_job)

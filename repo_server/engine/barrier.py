@@ -1,0 +1,40 @@
+"""The GC write barrier: while a garbage collection runs, every chunk the outside world touches
+(uploaded, answered present by `missing`, mapped, stored as a page) is remembered, and the sweep
+never deletes a remembered chunk. Lookups that decide "present" and the sweep's deletions take the
+same lock, so a chunk is never both reported present and swept.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+
+class GcBarrier:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = False
+        self.chunks: set[bytes] = set()
+        self.pages: set[bytes] = set()  # manifest pages referenced by roots created or copied during GC
+
+    def touch(self, digests: Iterable[bytes]) -> None:
+        """Call with `lock` held."""
+        if self.active:
+            self.chunks.update(digests)
+
+    def touch_pages(self, pages: Iterable[bytes]) -> None:
+        with self.lock:
+            if self.active:
+                self.pages.update(pages)
+
+    def start(self) -> None:
+        with self.lock:
+            self.active = True
+            self.chunks.clear()
+            self.pages.clear()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.active = False
+            self.chunks.clear()
+            self.pages.clear()

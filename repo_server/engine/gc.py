@@ -1,0 +1,199 @@
+"""Garbage collection that never stops backups: mark, sweep, compact.
+
+1. The barrier goes up (barrier.py): from now on every chunk a client touches is kept.
+2. Mark, into the `marks` column family (memory stays bounded whatever the repository size):
+   every point's manifest pages and their entries (each distinct page walked once) and blob pieces;
+   every open session's copied base roots, staged entries, `missing` pins and blobs; finally the pages
+   of roots created or copied while GC ran (the barrier's page set).
+3. Sweep: every indexed chunk neither marked nor barriered leaves the index (under the barrier lock,
+   so it cannot be reported present at the same moment).
+4. Compact: packs with no live bytes are deleted; sealed packs whose live fraction is under the
+   threshold are rewritten into the open pack and deleted. Space comes back in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from chunkyard.wire import DIGEST_LEN, ZERO
+
+from .chunk_store import PACK_KEY
+from .errors import Conflict
+from .faults import crash_point
+from .index import Location
+from .manifest import split_page
+from .pack import RECORD_HEADER
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+BATCH = 1000
+Progress = Callable[[str, int, int | None], None]  # (phase, done, total)
+
+
+@dataclass
+class GcStats:
+    pages_walked: int = 0
+    marked: int = 0
+    swept_chunks: int = 0
+    swept_bytes: int = 0
+    packs_deleted: int = 0
+    packs_compacted: int = 0
+    bytes_freed: int = 0
+    seconds: float = 0.0
+    phases: dict = field(default_factory=dict)
+
+
+class GarbageCollector:
+    def __init__(self, repo: Repository, progress: Progress | None = None, *, compact_below: float = 0.5):
+        self.repo = repo
+        self.index = repo.index
+        self.progress = progress or (lambda phase, done, total: None)
+        self.compact_below = compact_below
+        self.stats = GcStats()
+
+    def run(self) -> GcStats:
+        if not self.repo.gc_lock.acquire(blocking=False):
+            raise Conflict("a garbage collection is already running", "gc_running")
+        started = time.monotonic()
+        try:
+            self._clear_marks()
+            self.repo.barrier.start()
+            try:
+                self._timed("mark", self._mark)
+                crash_point("gc_after_mark")
+                live = self._timed("sweep", self._sweep)
+                crash_point("gc_after_sweep")
+            finally:
+                self.repo.barrier.stop()
+            self._timed("compact", lambda: self._compact(live))
+            self._clear_marks()
+        finally:
+            self.repo.gc_lock.release()
+        self.stats.seconds = time.monotonic() - started
+        return self.stats
+
+    def _timed(self, phase: str, fn: Callable):
+        t = time.monotonic()
+        result = fn()
+        self.stats.phases[phase] = round(time.monotonic() - t, 3)
+        return result
+
+    def _clear_marks(self) -> None:
+        batch = self.index.batch()
+        batch.clear("marks")
+        self.index.write(batch)
+
+    # ---------------------------------------------------------------- mark
+
+    def _mark_digests(self, digests: Iterable[bytes]) -> None:
+        batch = self.index.batch()
+        for d in digests:
+            if d != ZERO:
+                batch.put("marks", d, b"")
+                self.stats.marked += 1
+                if len(batch) >= BATCH:
+                    self.index.write(batch)
+                    batch = self.index.batch()
+        self.index.write(batch)
+
+    def _mark_pages(self, pages: Iterable[bytes], reader) -> None:
+        """Mark pages and their entries, reading each page not marked yet (shared pages are walked once)."""
+        todo = [p for p in dict.fromkeys(pages) if p != ZERO]
+        for start in range(0, len(todo), BATCH):
+            part = todo[start : start + BATCH]
+            known = self.index.multi_get("marks", part)
+            for page, seen in zip(part, known, strict=True):
+                if seen is not None:
+                    continue
+                self._mark_digests(split_page(reader.read_digest(page)))
+                self._mark_digests([page])
+                self.stats.pages_walked += 1
+
+    def _mark(self) -> None:
+        repo = self.repo
+        with repo.chunks.reader() as reader:
+            for points, (_, value) in enumerate(self.index.scan("points", b"p:"), 1):
+                record = json.loads(value)
+                self._mark_pages((bytes.fromhex(p) for d in record["disks"] for p in d["pages"]), reader)
+                self._mark_blobs(record.get("blobs", {}).values())
+                self.progress("mark points", points, repo.points.point_count)
+            for key, value in self.index.scan("sessions"):
+                if key.startswith(b"r:"):
+                    self._mark_pages((bytes.fromhex(p) for p in json.loads(value)["pages"]), reader)
+                elif key.startswith(b"b:"):
+                    self._mark_blobs([json.loads(value)])
+            self._mark_digests(self._staged_digests())
+            with repo.barrier.lock:
+                pages = list(repo.barrier.pages)
+            self._mark_pages(pages, reader)
+
+    def _staged_digests(self) -> Iterable[bytes]:
+        for key, value in self.index.scan("staging"):
+            yield key[-DIGEST_LEN:] if len(key) == 16 + 2 + DIGEST_LEN else value  # pins carry it in the key
+
+    def _mark_blobs(self, refs: Iterable[dict]) -> None:
+        self._mark_digests(bytes.fromhex(c) for ref in refs for c in ref["chunks"])
+
+    # ---------------------------------------------------------------- sweep
+
+    def _sweep(self) -> dict[int, int]:
+        """Drop unmarked chunks; return live stored bytes per pack."""
+        live: dict[int, int] = defaultdict(int)
+        barrier = self.repo.barrier
+        scanned = 0
+        batch: list[tuple[bytes, bytes]] = []
+
+        def flush() -> None:
+            marks = self.index.multi_get("marks", [d for d, _ in batch])
+            candidates = [Location.decode(d, v) for (d, v), m in zip(batch, marks, strict=True) if m is None]
+            dead = []
+            with barrier.lock:  # nobody can be told "present" for these while we decide
+                still = self.index.locate_many([c.record.digest for c in candidates])
+                for loc in still:
+                    if loc is not None and loc.record.digest not in barrier.chunks:
+                        dead.append(loc)
+                if dead:
+                    self.repo.chunks.forget(dead)
+            dead_set = {loc.record.digest for loc in dead}
+            for d, v in batch:
+                if d not in dead_set:
+                    loc = Location.decode(d, v)
+                    live[loc.pack_id] += loc.record.stored_len + RECORD_HEADER.size
+            self.stats.swept_chunks += len(dead)
+            self.stats.swept_bytes += sum(loc.record.stored_len + RECORD_HEADER.size for loc in dead)
+
+        total = self.repo.chunks.chunk_count
+        for item in self.index.scan("chunks"):
+            batch.append(item)
+            if len(batch) >= BATCH:
+                flush()
+                scanned += len(batch)
+                batch = []
+                self.progress("sweep", scanned, total)
+        if batch:
+            flush()
+        return live
+
+    # ---------------------------------------------------------------- compact
+
+    def _compact(self, live: dict[int, int]) -> None:
+        chunks = self.repo.chunks
+        packs = [(PACK_KEY.unpack(k)[0], json.loads(v)) for k, v in self.index.scan("packs")]
+        open_pack = chunks.open_pack_id()
+        for done, (pack_id, state) in enumerate(packs, 1):
+            self.progress("compact", done, len(packs))
+            if pack_id == open_pack or state["state"] != "sealed":
+                continue
+            used = live.get(pack_id, 0)
+            if used == 0:
+                self.stats.bytes_freed += chunks.delete_pack(pack_id)
+                self.stats.packs_deleted += 1
+            elif used < self.compact_below * state["size"]:
+                self.stats.bytes_freed += chunks.relocate(pack_id) - used
+                self.stats.packs_compacted += 1
