@@ -99,7 +99,7 @@ async def test_gc_concurrent_with_backups(srv: ServerProcess) -> None:
                 images[point["point_id"]] = img
                 committed.append((vm, point["point_id"]))
                 if len(committed) > 3 and rng.random() < 0.5:
-                    vm_old, old = committed.pop(rng.randrange(len(committed) - 1))
+                    _, old = committed.pop(rng.randrange(len(committed) - 1))
                     await admin.delete_point(old)
                 await asyncio.sleep(rng.random() / 50)
 
