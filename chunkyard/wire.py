@@ -163,11 +163,20 @@ class Client:
         async with resp:
             return await resp.json()
 
+    async def send(self, method: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """Send a binary body in 1 MiB pieces with its Content-Length: Python 3.11's asyncio transport
+        handles one large write in O(size²) memmoves (a 32 MiB body measured 3.5x slower)."""
+        view = memoryview(body)
+
+        async def pieces() -> AsyncIterator[memoryview]:
+            for start in range(0, len(view), 1 << 20):
+                yield view[start : start + (1 << 20)]
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        return await self._request(method, path, data=pieces(), headers=headers)
+
     async def binary(self, method: str, path: str, body: bytes) -> bytes:
-        resp = await self._request(
-            method, path, data=body, headers={"Content-Type": "application/octet-stream"}
-        )
-        async with resp:
+        async with await self.send(method, path, body) as resp:
             return await resp.read()
 
     async def health(self) -> dict:
@@ -194,27 +203,15 @@ class Client:
         return await self.binary("POST", f"/sessions/{sid}/missing", b"".join(digests))
 
     async def upload(self, sid: str, frames: Iterable[Frame]) -> dict:
-        resp = await self._request(
-            "POST", f"/sessions/{sid}/chunks", data=encode_frames(frames),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        async with resp:
+        async with await self.send("POST", f"/sessions/{sid}/chunks", encode_frames(frames)) as resp:
             return await resp.json()
 
     async def map(self, sid: str, disk_id: str, entries: Iterable[tuple[int, bytes]]) -> dict:
-        resp = await self._request(
-            "POST", f"/sessions/{sid}/disks/{disk_id}/map", data=encode_map(entries),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        async with resp:
+        async with await self.send("POST", f"/sessions/{sid}/disks/{disk_id}/map", encode_map(entries)) as resp:
             return await resp.json()
 
     async def put_blob(self, sid: str, name: str, data: bytes) -> dict:
-        resp = await self._request(
-            "PUT", f"/sessions/{sid}/blobs/{name}", data=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        async with resp:
+        async with await self.send("PUT", f"/sessions/{sid}/blobs/{name}", data) as resp:
             return await resp.json()
 
     async def commit(self, sid: str, *, read_bytes: int | None = None, rct: dict | None = None) -> dict:
@@ -273,3 +270,35 @@ class Client:
     async def revoke_token(self, token_id: str) -> None:
         resp = await self._request("DELETE", f"/tokens/{token_id}")
         resp.release()
+
+    @staticmethod
+    def _retention_path(vm_id: str | None) -> str:
+        return f"/vms/{vm_id}/retention" if vm_id else "/retention"
+
+    async def retention(self, vm_id: str | None = None) -> dict:
+        """Without vm_id: the default and every VM's policy. With it: the VM's own, the default, and the
+        effective one."""
+        return await self.json("GET", self._retention_path(vm_id))
+
+    async def set_retention(self, policy: dict | None, vm_id: str | None = None) -> None:
+        """Set a VM's policy, or without vm_id the repository default; None removes it."""
+        if policy is None:
+            resp = await self._request("DELETE", self._retention_path(vm_id))
+            resp.release()
+        else:
+            await self.json("PUT", self._retention_path(vm_id), policy)
+
+    async def protect(self, point_id: str, protected: bool = True, note: str = "") -> dict:
+        return await self.json("PUT", f"/points/{point_id}/protection", {"protected": protected, "note": note})
+
+    async def prune(self, *, vm: str | None = None, dry_run: bool = True, policy: dict | None = None) -> dict:
+        """Start a prune job (a dry run unless dry_run=False); follow it with job()."""
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if vm:
+            body["vm"] = vm
+        if policy is not None:
+            body["policy"] = policy
+        return await self.json("POST", "/admin/prune", body)
+
+    async def job(self, job_id: str) -> dict:
+        return await self.json("GET", f"/jobs/{job_id}")

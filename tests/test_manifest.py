@@ -7,7 +7,6 @@ import os
 import pytest
 
 from chunkyard.wire import ZERO, digest
-from repo_server.engine import manifest
 from repo_server.engine.manifest import PAGE_ENTRIES, assemble, chunk_count, iter_digests
 
 CS = 1 << 20
@@ -20,19 +19,17 @@ class PageStore:
         self.pages: dict[bytes, bytes] = {}
         self.loads = self.stores = 0
 
-    def load(self, page_digest: bytes, entries: int) -> list[bytes]:
+    def load(self, page_digest: bytes) -> bytes:
         self.loads += 1
-        return manifest.split_page(self.pages[page_digest])
-
-    def store(self, entries: list[bytes]) -> bytes:
-        self.stores += 1
-        data = b"".join(entries)
-        self.pages[digest(data)] = data
-        return digest(data)
+        return self.pages[page_digest]
 
     def build(self, base: dict, size: int, changes: dict[int, bytes]) -> dict:
         result = assemble(base_root=base["root"], base_size=base["size"], base_allocated=base["allocated"],
-                          size=size, chunk_size=CS, changes=changes, load=self.load, store=self.store)
+                          size=size, chunk_size=CS, changes=sorted(changes.items()), load=self.load)
+        for data in result.new_pages:
+            self.stores += 1
+            self.pages[digest(data)] = data
+        assert all(p == ZERO or p in self.pages for p in result.root)  # every page named is stored
         return {"root": result.root, "size": size, "allocated": result.allocated_chunks, "result": result}
 
     def digests(self, point: dict) -> list[bytes]:

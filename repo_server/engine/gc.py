@@ -56,6 +56,7 @@ class GarbageCollector:
         self.progress = progress or (lambda phase, done, total: None)
         self.compact_below = compact_below
         self.stats = GcStats()
+        self.walked: set[bytes] = set()  # barrier pages whose entries are marked
 
     def run(self) -> GcStats:
         if not self.repo.gc_lock.acquire(blocking=False):
@@ -130,8 +131,14 @@ class GarbageCollector:
                     self._mark_blobs([json.loads(value)])
             self._mark_digests(self._staged_digests())
             with repo.barrier.lock:
-                pages = list(repo.barrier.pages)
-            self._mark_pages(pages, reader)
+                self._walk_barrier_pages(reader)
+
+    def _walk_barrier_pages(self, reader) -> None:
+        """Mark the entries of roots created or copied since the last walk (call with the barrier lock):
+        a session opened during the sweep copies a base root whose chunks must survive it."""
+        new = [p for p in self.repo.barrier.pages if p not in self.walked]
+        self._mark_pages(new, reader)
+        self.walked.update(new)
 
     def _staged_digests(self) -> Iterable[bytes]:
         for key, value in self.index.scan("staging"):
@@ -151,11 +158,14 @@ class GarbageCollector:
 
         def flush() -> None:
             marks = self.index.multi_get("marks", [d for d, _ in batch])
-            candidates = [Location.decode(d, v) for (d, v), m in zip(batch, marks, strict=True) if m is None]
+            candidates = [d for (d, _), m in zip(batch, marks, strict=True) if m is None]
             dead = []
             with barrier.lock:  # nobody can be told "present" for these while we decide
-                still = self.index.locate_many([c.record.digest for c in candidates])
-                for loc in still:
+                if candidates:
+                    self._walk_barrier_pages(reader)
+                    marks = self.index.multi_get("marks", candidates)
+                    candidates = [d for d, m in zip(candidates, marks, strict=True) if m is None]
+                for loc in self.index.locate_many(candidates):
                     if loc is not None and loc.record.digest not in barrier.chunks:
                         dead.append(loc)
                 if dead:
@@ -169,15 +179,16 @@ class GarbageCollector:
             self.stats.swept_bytes += sum(loc.record.stored_len + RECORD_HEADER.size for loc in dead)
 
         total = self.repo.chunks.chunk_count
-        for item in self.index.scan("chunks"):
-            batch.append(item)
-            if len(batch) >= BATCH:
+        with self.repo.chunks.reader() as reader:
+            for item in self.index.scan("chunks"):
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    flush()
+                    scanned += len(batch)
+                    batch = []
+                    self.progress("sweep", scanned, total)
+            if batch:
                 flush()
-                scanned += len(batch)
-                batch = []
-                self.progress("sweep", scanned, total)
-        if batch:
-            flush()
         return live
 
     # ---------------------------------------------------------------- compact

@@ -15,6 +15,7 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .points import PointStore
 from .sessions import SessionStore
 from .tokens import TokenStore
 
+Pin = Callable[[list[bytes]], None]
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 256 << 10
@@ -139,23 +141,32 @@ class Repository:
 
     # ---------------------------------------------------------------- server-side chunks
 
-    def store_data(self, raw: bytes, flags: int = 0) -> bytes:
+    def store_data(self, raw: bytes, flags: int = 0, *, pin: Pin | None = None) -> bytes:
         """Store bytes the server itself produced (pages, blobs, re-cut edges); returns the digest."""
-        d = digest(raw)
-        codec, stored = compress(raw)
-        self.chunks.put([NewChunk(d, codec | flags, len(raw), stored)])
-        return d
+        return self._store([raw], flags, pin)[0]
 
-    def store_meta(self, raw: bytes) -> bytes:
-        return self.store_data(raw, FLAG_META)
+    def store_pages(self, pages: list[bytes], *, pin: Pin | None = None) -> None:
+        """Manifest pages of a commit, stored in one durable batch (one fdatasync, not one per page)."""
+        self._store(pages, FLAG_META, pin)
 
-    def store_blob(self, data: bytes) -> dict:
+    def store_blob(self, data: bytes, *, pin: Pin | None = None) -> dict:
         """A configuration file cut into chunk-size pieces, each stored (deduplicated) as meta."""
-        pieces = []
-        for start in range(0, len(data), self.chunk_size):
-            piece = data[start : start + self.chunk_size]
-            pieces.append(ZERO.hex() if not any(piece) else self.store_meta(piece).hex())
-        return {"size": len(data), "chunks": pieces}
+        pieces = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
+        stored = iter(self._store([p for p in pieces if any(p)], FLAG_META, pin))
+        return {"size": len(data), "chunks": [next(stored).hex() if any(p) else ZERO.hex() for p in pieces]}
+
+    def _store(self, raws: list[bytes], flags: int, pin: Pin | None) -> list[bytes]:
+        """Pin (so a GC starting now keeps them), then store durably; returns the digests."""
+        digests = [digest(raw) for raw in raws]
+        if pin is not None:
+            pin(digests)
+        chunks = []
+        for raw, d in zip(raws, digests, strict=True):
+            codec, stored = compress(raw)
+            chunks.append(NewChunk(d, codec | flags, len(raw), stored))
+        if chunks:
+            self.chunks.put(chunks)
+        return digests
 
     def read_blob(self, point: dict, name: str) -> bytes:
         ref = point.get("blobs", {}).get(name)

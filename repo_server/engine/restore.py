@@ -41,8 +41,7 @@ class DiskImage:
         self._reader.close()
 
     def page(self, page: int) -> list[bytes]:
-        return load_page(lambda d, _n: split_page(self._reader.read_digest(d)), self.root[page],
-                         page_entries(page, self.chunks))
+        return split_page(load_page(self._reader.read_digest, self.root[page], page_entries(page, self.chunks)))
 
     def digests(self, first: int, stop: int) -> list[bytes]:
         """Digests of chunks [first, stop)."""

@@ -9,18 +9,20 @@ depends on the base point still existing.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import json
 import secrets
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from chunkyard.wire import CODECS, DIGEST_LEN, MAP_RECORD, MAX_MISSING_QUERY, ZERO, Frame, digest
 
 from . import manifest
-from .chunk_store import NewChunk, PutResult
+from .chunk_store import ChunkReader, NewChunk, PutResult
 from .codec import CodecError, decode
 from .errors import Conflict, Forbidden, Invalid, NotFound
 from .faults import crash_point
@@ -35,6 +37,9 @@ CONSISTENCY_LEVELS = ("application", "crash", "saved-state")
 MAX_DISK_SIZE = 64 << 40  # the VHDX maximum
 MAX_DISKS = 256
 STAGING_KEY = struct.Struct(">16sHQ")
+MAP_SLICE = 16384
+RAW_LEN = struct.Struct("<I")
+RAW_LEN_OFFSET = 20  # in a chunks-CF value: pack_id u64 | offset u64 | stored_len u32 | raw_len u32 | flags
 PIN_ORDINAL = b"\xff\xff"  # staging keys sid | ffff | digest: chunks `missing` reported present (GC pins)
 INDEX_BATCH = 1000
 
@@ -195,26 +200,34 @@ class SessionStore:
                           "bad_body")
         digests = [body[i : i + DIGEST_LEN] for i in range(0, len(body), DIGEST_LEN)]
         barrier = self.repo.barrier
-        pin = bytes.fromhex(sid) + PIN_ORDINAL
         bitmap = bytearray((len(digests) + 7) // 8)
         # The answer "present" is a promise the chunk stays until the session ends: record it (pins,
         # and the GC barrier) in the same critical section as the lookup, so a sweep cannot slip between.
         with barrier.lock:
             found = self.index.multi_get("chunks", digests)
             present = [d for d, v in zip(digests, found, strict=True) if v is not None]
-            for start in range(0, len(present), INDEX_BATCH):
-                batch = self.index.batch()
-                for d in present[start : start + INDEX_BATCH]:
-                    batch.put("staging", pin + d, b"")
-                self.index.write(batch)
+            self.pin(sid, present)
             barrier.touch(present)
         for i, (d, v) in enumerate(zip(digests, found, strict=True)):
             if v is None and d != ZERO:
                 bitmap[i >> 3] |= 1 << (i & 7)
         return bytes(bitmap)
 
+    def pin(self, sid: str, digests: Iterable[bytes]) -> None:
+        """Promise that these chunks outlive the session: a GC that starts later marks them (staging
+        keys sid | ffff | digest). Written before a chunk becomes visible, so no GC can miss it."""
+        prefix = bytes.fromhex(sid) + PIN_ORDINAL
+        batch = self.index.batch()
+        for d in digests:
+            batch.put("staging", prefix + d, b"")
+            if len(batch) >= INDEX_BATCH:
+                self.index.write(batch)
+                batch = self.index.batch()
+        self.index.write(batch)
+
     def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
         self.open_header(sid)
+        self.pin(sid, (c.digest for c in chunks))
         result = self.repo.chunks.put(chunks)
         stored = set(result.stored_digests)
         new_raw = sum(c.raw_len for c in chunks if c.digest in stored)
@@ -223,45 +236,57 @@ class SessionStore:
         return result
 
     def map(self, sid: str, disk_id: str, body: bytes) -> int:
+        """Stage `chunk_index -> digest` records. Everything is validated before anything is staged;
+        slices of MAP_SLICE records keep memory and lock holds small for million-record maps."""
         header = self.open_header(sid)
         ordinal, disk = self._disk(header, disk_id)
         if len(body) % MAP_RECORD.size or not body:
             raise Invalid(f"the body must be one or more records of {MAP_RECORD.size} bytes "
                           f"(chunk_index u64, digest[32]); got {len(body)} bytes", "bad_body")
-        size, chunk_size = disk["size"], self.repo.chunk_size
+        count = len(body) // MAP_RECORD.size
+        slices = [(start, min(count, start + MAP_SLICE)) for start in range(0, count, MAP_SLICE)]
+        for first, stop in slices:
+            self._check_slice(disk, self._records(body, first, stop))
+        sid_bytes = bytes.fromhex(sid)
+        barrier = self.repo.barrier
+        for first, stop in slices:
+            records = self._records(body, first, stop)
+            with barrier.lock:  # staged (or barriered) before any sweep can look at these chunks
+                if barrier.active:  # a sweep may have run since the check: check again under the lock
+                    self._check_slice(disk, records)
+                batch = self.index.batch()
+                for index, d in records:
+                    batch.put("staging", STAGING_KEY.pack(sid_bytes, ordinal, index), d)
+                self.index.write(batch, sync=stop == count)
+                barrier.touch(d for _, d in records if d != ZERO)
+        self._add_stats(sid, mapped_chunks=count)
+        return count
+
+    @staticmethod
+    def _records(body: bytes, first: int, stop: int) -> list[tuple[int, bytes]]:
+        return [MAP_RECORD.unpack_from(body, i * MAP_RECORD.size) for i in range(first, stop)]
+
+    def _check_slice(self, disk: dict, records: list[tuple[int, bytes]]) -> None:
+        """Each index inside the disk; each digest ZERO or present with exactly its index's length."""
+        disk_id, size, chunk_size = disk["disk_id"], disk["size"], self.repo.chunk_size
         chunks = manifest.chunk_count(size, chunk_size)
-        records = [MAP_RECORD.unpack_from(body, i) for i in range(0, len(body), MAP_RECORD.size)]
-        for index, _ in records:
+        distinct = list({d for _, d in records if d != ZERO})
+        raw_len = {d: None if v is None else RAW_LEN.unpack_from(v, RAW_LEN_OFFSET)[0]
+                   for d, v in zip(distinct, self.index.multi_get("chunks", distinct), strict=True)}
+        for index, d in records:
             if index >= chunks:
                 raise Invalid(f"chunk index {index} is beyond the end of disk {disk_id} "
                               f"({chunks} chunks of {chunk_size} bytes)", "index_out_of_range")
-        nonzero = [d for _, d in records if d != ZERO]
-        with self.repo.barrier.lock:  # checked present and staged (or barriered) before any sweep
-            self._check_and_stage(sid, ordinal, disk, records, nonzero)
-        self._add_stats(sid, mapped_chunks=len(records))
-        return len(records)
-
-    def _check_and_stage(self, sid: str, ordinal: int, disk: dict, records: list, nonzero: list[bytes]) -> None:
-        disk_id, size, chunk_size = disk["disk_id"], disk["size"], self.repo.chunk_size
-        locations = dict(zip(nonzero, self.repo.index.locate_many(nonzero), strict=True))
-        for index, d in records:
             if d == ZERO:
                 continue
-            loc = locations[d]
-            if loc is None:
+            have = raw_len[d]
+            if have is None:
                 raise Invalid(f"chunk {d.hex()} (index {index}) is not in the repository: upload it first",
                               "unknown_chunk")
             expected = manifest.chunk_length(index, size, chunk_size)
-            if loc.record.raw_len != expected:
-                raise Invalid(f"chunk {d.hex()} holds {loc.record.raw_len} bytes but index {index} of disk "
+            if have != expected:
+                raise Invalid(f"chunk {d.hex()} holds {have} bytes but index {index} of disk "
                               f"{disk_id} covers {expected}", "bad_length")
-        sid_bytes = bytes.fromhex(sid)
-        for start in range(0, len(records), INDEX_BATCH):
-            batch = self.index.batch()
-            for index, d in records[start : start + INDEX_BATCH]:
-                batch.put("staging", STAGING_KEY.pack(sid_bytes, ordinal, index), d)
-            self.index.write(batch, sync=start + INDEX_BATCH >= len(records))
-        self.repo.barrier.touch(nonzero)
 
     def _disk(self, header: dict, disk_id: str) -> tuple[int, dict]:
         for ordinal, disk in enumerate(header["disks"]):
@@ -272,7 +297,7 @@ class SessionStore:
     def put_blob(self, sid: str, name: str, data: bytes) -> dict:
         self.open_header(sid)
         check_name(name, "blob name")
-        ref = self.repo.store_blob(data)
+        ref = self.repo.store_blob(data, pin=functools.partial(self.pin, sid))
         batch = self.index.batch()
         batch.put("sessions", f"b:{sid}/{name}".encode(), json.dumps(ref).encode())
         self.index.write(batch, sync=True)
@@ -307,23 +332,20 @@ class SessionStore:
         repo, chunk_size = self.repo, self.repo.chunk_size
         disks = []
         with repo.chunks.reader() as reader:
-            def load(page_digest: bytes, entries: int) -> list[bytes]:
-                return manifest.split_page(reader.read_digest(page_digest))
-
-            def store(entries: list[bytes]) -> bytes:
-                return repo.store_meta(b"".join(entries))
-
+            load = reader.read_digest
             for ordinal, disk in enumerate(header["disks"]):
                 base = self.index.get("sessions", f"r:{sid}/{disk['disk_id']}".encode())
                 base = json.loads(base) if base else {"size": 0, "pages": [], "allocated_chunks": 0}
                 base_root = [bytes.fromhex(p) for p in base["pages"]]
-                changes = self._staged(sid, ordinal)
+                changes: Iterable[tuple[int, bytes]] = self._staged(sid, ordinal)
                 if base["size"] != disk["size"]:
-                    self._fit_edges(base, base_root, disk["size"], changes, load, reader)
+                    fixes = self._fit_edges(sid, ordinal, base, base_root, disk["size"], reader)
+                    changes = heapq.merge(changes, sorted(fixes.items()))
                 result = manifest.assemble(
                     base_root=base_root, base_size=base["size"], base_allocated=base["allocated_chunks"],
-                    size=disk["size"], chunk_size=chunk_size, changes=changes, load=load, store=store,
+                    size=disk["size"], chunk_size=chunk_size, changes=changes, load=load,
                 )
+                repo.store_pages(result.new_pages, pin=functools.partial(self.pin, sid))
                 disks.append(disk | {"rct": rct.get(disk["disk_id"], disk["rct"]),
                                      "pages": [p.hex() for p in result.root],
                                      "allocated_chunks": result.allocated_chunks,
@@ -354,29 +376,38 @@ class SessionStore:
         crash_point("after_commit")
         return record
 
-    def _staged(self, sid: str, ordinal: int) -> dict[int, bytes]:
+    def _staged(self, sid: str, ordinal: int) -> Iterator[tuple[int, bytes]]:
+        """Staged entries of one disk in index order (keys are big-endian), streamed from the index."""
         prefix = bytes.fromhex(sid) + ordinal.to_bytes(2, "big")
-        return {int.from_bytes(k[18:], "big"): v for k, v in self.index.scan("staging", prefix)}
+        for key, value in self.index.scan("staging", prefix):
+            yield int.from_bytes(key[18:], "big"), value
 
-    def _fit_edges(self, base: dict, base_root: list[bytes], size: int, changes: dict[int, bytes],
-                   load: Any, reader: Any) -> None:
+    def _fit_edges(self, sid: str, ordinal: int, base: dict, base_root: list[bytes], size: int,
+                   reader: ChunkReader) -> dict[int, bytes]:
         """A resized disk: re-cut the chunks whose length changed (old or new short tail) unless re-sent."""
         chunk_size = self.repo.chunk_size
         base_chunks = manifest.chunk_count(base["size"], chunk_size)
         chunks = manifest.chunk_count(size, chunk_size)
+        fixes: dict[int, bytes] = {}
         for index in {base_chunks - 1, chunks - 1}:
-            if index < 0 or index >= min(chunks, base_chunks) or index in changes:
+            if index < 0 or index >= min(chunks, base_chunks):
+                continue
+            if self.index.get("staging", STAGING_KEY.pack(bytes.fromhex(sid), ordinal, index)) is not None:
                 continue
             page = index // manifest.PAGE_ENTRIES
-            entries = manifest.load_page(load, base_root[page], manifest.page_entries(page, base_chunks))
-            old = entries[index - page * manifest.PAGE_ENTRIES]
+            entries = manifest.load_page(reader.read_digest, base_root[page],
+                                         manifest.page_entries(page, base_chunks))
+            slot = (index - page * manifest.PAGE_ENTRIES) * DIGEST_LEN
+            old = entries[slot : slot + DIGEST_LEN]
             want = manifest.chunk_length(index, size, chunk_size)
             if old == ZERO:
                 continue
             raw = reader.read_digest(old)
             if len(raw) != want:
                 fitted = raw[:want].ljust(want, b"\0")
-                changes[index] = ZERO if not any(fitted) else self.repo.store_data(fitted)
+                fixes[index] = ZERO if not any(fitted) else self.repo.store_data(
+                    fitted, pin=functools.partial(self.pin, sid))
+        return fixes
 
     def close_session(self, batch: Any, header: dict, state: str, point_id: str | None = None) -> None:
         """Add to batch: the header's new state, and the removal of staging and base copies."""
