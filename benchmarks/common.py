@@ -1,0 +1,605 @@
+"""Shared pieces of Chunkyard's benchmarks: machine-limit probes, VM-like test data, a real server
+process, and the result table.
+
+Every benchmark puts its numbers beside limits of this machine measured in the same run: the 2-core
+KVM guest is shared with other work and varies from run to run, so a ratio to a same-run limit is what
+stays comparable between runs and machines.
+
+`python -m benchmarks.common sink --port N` runs the loopback HTTP sink that `loopback_http_rates` starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import aiohttp
+import blake3
+import zstandard
+from aiohttp import web
+from rocksdict import BlockBasedOptions, Cache, DBCompressionType, Options, Rdict, WriteBatch
+
+from chunkyard.wire import CODEC_RAW, CODEC_ZSTD, Client, Frame, is_zero
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+FS_BLOCK = 4096
+PACKAGES = ("chunkyard", "aiohttp", "rocksdict", "blake3", "zstandard", "crc32c")
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, load, Python and package versions."""
+    cpu = platform.processor() or platform.machine()
+    mem_total = 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem_total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu,
+        "nproc": len(os.sched_getaffinity(0)),
+        "mem_total_bytes": mem_total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "loadavg_at_start": os.getloadavg(),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def source_state() -> dict:
+    """The commit measured and the files changed on top of it (read-only git): the tree moves under a run."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "changed_files": [line[3:] for line in git("status", "--porcelain").splitlines()]}
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """Peak (VmHWM) and current (VmRSS) resident memory of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy (user, nice, system, irq, softirq, steal) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------ test data
+
+def _files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def file_corpus(size: int, roots: Sequence[Path] | None = None, max_file: int = 4 * MiB) -> bytes:
+    """Real file contents (Python sources and modules, ELF binaries, gzipped man pages, docs), each padded
+    to a 4 KiB block as on a guest filesystem.
+
+    Synthetic text compresses unrealistically well or badly; real files give zstd the mix a used VM disk
+    gives it (text shrinks a lot, binaries some, gzip not at all; with `vm_like_chunks`' random share, zstd-1
+    measured 2.0 here). Files are taken round-robin from the roots in sorted order, so equal machines give
+    equal corpora.
+    """
+    roots = roots or (Path(sys.base_prefix) / "lib", Path("/usr/bin"), Path("/usr/share/man"),
+                      Path("/usr/share/doc"))
+    walkers = [_files(r) for r in roots if r.is_dir()]
+    out = bytearray()
+    while walkers and len(out) < size:
+        for walker in list(walkers):
+            path = next(walker, None)
+            if path is None:
+                walkers.remove(walker)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(max_file)
+            except OSError:
+                continue
+            out += data
+            out += bytes(-len(data) % FS_BLOCK)
+    if len(out) < size:
+        raise RuntimeError(f"only {len(out)} bytes of files under {', '.join(map(str, roots))}; need {size}")
+    return bytes(out[:size])
+
+
+@dataclass(frozen=True)
+class DataMix:
+    """Shares of chunk kinds in VM-like data; the rest are windows of real file contents."""
+
+    zero: float = 0.12
+    random: float = 0.06
+
+
+def vm_like_chunks(count: int, chunk_size: int, *, corpus: bytes, seed: int, nonce: bytes,
+                   mix: DataMix = DataMix()) -> list[bytes]:
+    """Chunks like a used VM disk: file contents at 4 KiB-aligned offsets, incompressible runs and
+    all-zero chunks (one shared object).
+
+    Every non-zero chunk starts with a 32-byte stamp of (nonce, n), so no two chunks dedup, within a
+    run or against an earlier run on the same repository: a benchmark of unique ingest stays unique.
+    """
+    rng = random.Random(seed)
+    zero = bytes(chunk_size)
+    offsets = (len(corpus) - chunk_size) // FS_BLOCK
+    if offsets < 0:
+        raise ValueError(f"the corpus ({len(corpus)} bytes) is smaller than one chunk ({chunk_size})")
+    chunks = []
+    for n in range(count):
+        kind = rng.random()
+        if kind < mix.zero:
+            chunks.append(zero)
+            continue
+        if kind < mix.zero + mix.random:  # BLAKE3's XOF: incompressible, deterministic and fast
+            body = bytearray(blake3.blake3(nonce + n.to_bytes(8, "little"), key=bytes(32)).digest(chunk_size))
+        else:
+            start = rng.randrange(offsets + 1) * FS_BLOCK
+            body = bytearray(corpus[start : start + chunk_size])
+        body[:32] = blake3.blake3(nonce + n.to_bytes(8, "little")).digest()
+        chunks.append(bytes(body))
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+@dataclass(frozen=True)
+class CodecRates:
+    """Single-core rates on one data set, in MiB/s of raw bytes, and the zstd ratio (raw ÷ compressed)."""
+
+    compress: float
+    decompress: float
+    blake3: float
+    ratio: float
+
+    @property
+    def verify(self) -> float:
+        """Decompress then BLAKE3 on one core: the per-byte work a server does to trust a chunk."""
+        return 1 / (1 / self.decompress + 1 / self.blake3)
+
+
+def measure_codecs(chunks: Sequence[bytes], level: int = 1) -> tuple[CodecRates, list[Frame]]:
+    """Time zstd compress and decompress and BLAKE3 of the non-zero chunks on one thread.
+
+    Returns the rates and the upload frames built from that same compression (stored raw where zstd does
+    not shrink a chunk), so a benchmark reuses the work it just timed instead of compressing twice.
+    """
+    data = [c for c in chunks if not is_zero(c)]
+    raw = sum(map(len, data)) / MiB
+    cctx, dctx = zstandard.ZstdCompressor(level=level), zstandard.ZstdDecompressor()
+    start = time.perf_counter()
+    packed = [cctx.compress(c) for c in data]
+    t_compress = elapsed(start)
+    start = time.perf_counter()
+    for p in packed:
+        dctx.decompress(p)
+    t_decompress = elapsed(start)
+    start = time.perf_counter()
+    digests = [blake3.blake3(c).digest() for c in data]
+    t_blake3 = elapsed(start)
+    frames = [Frame(d, CODEC_ZSTD, len(c), p) if len(p) < len(c) else Frame(d, CODEC_RAW, len(c), c)
+              for d, c, p in zip(digests, data, packed, strict=True)]
+    rates = CodecRates(raw / t_compress, raw / t_decompress, raw / t_blake3,
+                       raw * MiB / sum(len(p) for p in packed))
+    return rates, frames
+
+
+@dataclass(frozen=True)
+class DiskRates:
+    write: float
+    """Sequential write, MiB/s, with an fdatasync every 32 MiB (how a pack is group-committed)."""
+    fdatasync_ms: float
+    """Median latency of appending 4 KiB and fdatasync: the floor of any durable small write."""
+
+
+def disk_rates(directory: Path, size: int = 256 * MiB, sync_every: int = 32 * MiB, block: int = 4 * MiB,
+               small_syncs: int = 50) -> DiskRates:
+    """Probe the filesystem that holds `directory` with a temporary file (removed afterwards)."""
+    path = directory / f".bench-disk-probe-{os.getpid()}"
+    buf = os.urandom(block)  # random, so a compressing filesystem cannot flatter the number
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start = time.perf_counter()
+        written = 0
+        while written < size:
+            written += os.write(fd, buf)
+            if written % sync_every < block:
+                os.fdatasync(fd)
+        os.fdatasync(fd)
+        write = written / MiB / elapsed(start)
+        small = os.urandom(FS_BLOCK)
+        latencies = []
+        for _ in range(small_syncs):
+            start = time.perf_counter()
+            os.write(fd, small)
+            os.fdatasync(fd)
+            latencies.append(elapsed(start))
+    finally:
+        os.close(fd)
+        path.unlink()
+    return DiskRates(write, statistics.median(latencies) * 1000)
+
+
+def rocksdb_multiget_rate(directory: Path, keys: int = 262_144, batch: int = 65_536, rounds: int = 4) -> float:
+    """Digests/s of multi-gets of `batch` keys, half present, on a flushed RocksDB with the index's table
+    options (lz4, 10-bit bloom filter, block cache): the floor under a `missing` query, with no HTTP."""
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_compression_type(DBCompressionType.lz4())
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(128 * MiB))
+    table.set_bloom_filter(10, False)
+    table.set_cache_index_and_filter_blocks(True)
+    opts.set_block_based_table_factory(table)
+    path = directory / f"rocksdb-probe-{os.getpid()}"
+    rng = random.Random(7)
+    present = [rng.randbytes(32) for _ in range(keys)]
+    value = bytes(29)
+    db = Rdict(str(path), options=opts)
+    try:
+        for start in range(0, keys, 1000):
+            wb = WriteBatch(raw_mode=True)
+            for k in present[start : start + 1000]:
+                wb.put(k, value)
+            db.write(wb)
+        db.flush()
+        total = 0.0
+        for _ in range(rounds):
+            query = rng.sample(present, batch // 2) + [rng.randbytes(32) for _ in range(batch - batch // 2)]
+            rng.shuffle(query)
+            start = time.perf_counter()
+            db.get(query)
+            total += elapsed(start)
+    finally:
+        db.close()
+        Rdict.destroy(str(path))
+    return batch * rounds / total
+
+
+def _sink_app() -> web.Application:
+    """Loopback HTTP sink: discards POST bodies, streams GET bodies from one 1 MiB buffer."""
+    block = os.urandom(MiB)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def sink(request: web.Request) -> web.Response:
+        n = 0
+        async for part in request.content.iter_any():
+            n += len(part)
+        return web.json_response({"bytes": n})
+
+    async def source(request: web.Request) -> web.StreamResponse:
+        mib = int(request.match_info["mib"])
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = mib * MiB
+        await resp.prepare(request)
+        for _ in range(mib):
+            await resp.write(block)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", ready)
+    app.router.add_post("/sink", sink)
+    app.router.add_get("/source/{mib}", source)
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60, what: str = "server") -> None:
+    """Wait until GET url answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {what} exited with status {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the {what} did not answer {url} within {timeout} s")
+
+
+@dataclass(frozen=True)
+class LoopbackRates:
+    upload: float
+    """MiB/s of POST bodies sent in 1 MiB pieces (`post_in_pieces`) to a discarding aiohttp server."""
+    upload_one_write: float
+    """MiB/s of the same bodies passed to aiohttp as one bytes object, as `chunkyard.wire.Client` sends them."""
+    download: float
+    """MiB/s of one streamed GET read with iter_chunked(4 MiB), like `Client.stream_disk`."""
+
+
+async def post_in_pieces(session: aiohttp.ClientSession, url: str, body: bytes, *, piece: int = MiB) -> bytes:
+    """POST a body in 1 MiB pieces with its Content-Length; return the answer, raising on an HTTP error.
+
+    Python 3.11's asyncio transport keeps an unsent write in a bytearray and deletes the sent head after
+    every send(), so handing it a 32 MiB body in one write costs O(size²) memmoves (3.5x slower measured).
+    """
+    view = memoryview(body)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(view), piece):
+            yield view[start : start + piece]
+
+    headers = {"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"}
+    async with session.post(url, data=pieces(), headers=headers) as r:
+        answer = await r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"POST {url}: HTTP {r.status}: {answer[:300]!r}")
+        return answer
+
+
+def loopback_http_rates(size: int = 1024 * MiB, body: int = 32 * MiB, parallel: int = 4) -> LoopbackRates:
+    """aiohttp client (this process) against an aiohttp sink in another process, over 127.0.0.1:
+    the transport ceiling for uploads and restores on this machine, without any Chunkyard work."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.common", "sink", "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/", proc, what="loopback sink")
+        return asyncio.run(_loopback(url, size, body, parallel))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+async def _loopback(url: str, size: int, body_size: int, parallel: int) -> LoopbackRates:
+    body = os.urandom(body_size)
+    async with aiohttp.ClientSession() as session:
+
+        async def post_all(total: int, in_pieces: bool) -> float:
+            posts = iter(range(max(1, total // body_size)))
+
+            async def poster() -> int:
+                sent = 0
+                for _ in posts:  # one iterator shared by all posters: a work queue
+                    if in_pieces:
+                        answer = await post_in_pieces(session, url + "/sink", body)
+                    else:
+                        async with session.post(url + "/sink", data=body) as r:
+                            answer = await r.read()
+                    sent += json.loads(answer)["bytes"]
+                return sent
+
+            start = time.perf_counter()
+            sent = sum(await asyncio.gather(*(poster() for _ in range(parallel))))
+            return sent / MiB / elapsed(start)
+
+        upload = max([await post_all(size, True) for _ in range(2)])  # best of 2: the probe is noisy
+        upload_one_write = await post_all(size // 4, False)
+        start = time.perf_counter()
+        got = 0
+        async with session.get(f"{url}/source/{size // MiB}") as r:
+            async for part in r.content.iter_chunked(4 * MiB):
+                got += len(part)
+        download = got / MiB / elapsed(start)
+    return LoopbackRates(upload, upload_one_write, download)
+
+
+# ------------------------------------------------------------------------------------------ server
+
+class ChunkyardServer:
+    """A real `chunkyard serve` process on a free loopback port, over a data directory that `chunkyard init`
+    creates when it holds no repository yet (an existing repository and its admin.token are reused)."""
+
+    def __init__(self, data: Path, *, chunk_size: str = "1MiB", log: Path | None = None):
+        self.data = data
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or data.parent / f"{data.name}-server.log"
+        self.proc: subprocess.Popen | None = None
+        if not (data / "repo.toml").exists():
+            subprocess.run([sys.executable, "-m", "chunkyard.cli", "init", "--data", str(data),
+                            "--chunk-size", chunk_size], check=True, capture_output=True, cwd=ROOT)
+        self.admin_token = (data / "admin.token").read_text().strip()
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "chunkyard.cli", "serve", "--data", str(self.data),
+               "--listen", f"127.0.0.1:{self.port}"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"{self.url}/api/v1/health", self.proc, what=f"server (log: {self.log})")
+        except RuntimeError:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the server is not started"
+        return self.proc.pid
+
+    def memory(self) -> dict[str, int]:
+        return process_memory(self.pid)
+
+    def client(self) -> Client:
+        return Client(self.url, self.admin_token)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> ChunkyardServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class PhaseMeter:
+    """Wall time, CPU seconds of the server, of this process and of everything else on the machine, and
+    server memory, around each phase.
+
+    CPU per phase says whether a slow phase saturated the cores or waited, and whether other work on the
+    shared machine took cores from it; VmHWM only rises, so the memory after each phase says which phase
+    set the server's peak.
+    """
+
+    def __init__(self, server_pid: int):
+        self.pid = server_pid
+        self.phases: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"{name} ...", flush=True)
+        server, client, machine = process_cpu_seconds(self.pid), time.process_time(), machine_busy_seconds()
+        start = time.perf_counter()
+        yield
+        wall = elapsed(start)
+        server = process_cpu_seconds(self.pid) - server
+        client = time.process_time() - client
+        machine = machine_busy_seconds() - machine
+        self.phases[name] = {"wall_s": wall, "server_cpu_s": server, "client_cpu_s": client,
+                             "other_cpu_s": max(0.0, machine - server - client)} | process_memory(self.pid)
+
+    def cores(self, name: str) -> str:
+        """'cores: server 1.6, client 0.3, other 0.0': average busy cores during a phase."""
+        p = self.phases[name]
+        return ("cores: " + ", ".join(f"{who} {p[f'{who}_cpu_s'] / p['wall_s']:.1f}"
+                                      for who in ("server", "client", "other")))
+
+    def server_cpu_per_gib(self, name: str, raw_bytes: int) -> float:
+        """Server core-seconds per GiB of raw data handled in a phase: its cost, independent of contention."""
+        return self.phases[name]["server_cpu_s"] / (raw_bytes / (1 << 30))
+
+    def contended(self, threshold: float = 0.2) -> list[str]:
+        """Phases during which other processes kept more than `threshold` of a core busy on average."""
+        return [name for name, p in self.phases.items() if p["other_cpu_s"] / p["wall_s"] > threshold]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+@dataclass
+class Row:
+    """One result: a measured value, the machine limit it is bounded by, and its DESIGN §7 target."""
+
+    name: str
+    value: float
+    unit: str
+    limit: float | None = None
+    limit_name: str = ""
+    target: float | None = None
+    higher_is_better: bool = True
+    target_text: str = ""
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.limit if self.limit else None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"ratio": self.ratio, "passed": self.passed}
+
+
+def _num(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A Markdown table, aligned so it also reads well on a terminal."""
+    head = ["what", "measured", "machine limit", "ratio", "target (§7)", "pass", "note"]
+    lines = [head]
+    for r in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "—"}[r.passed]
+        limit = f"{_num(r.limit)} {r.unit} ({r.limit_name})" if r.limit else (r.limit_name or "—")
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
+        lines.append([r.name, f"{_num(r.value)} {r.unit}", limit, ratio, r.target_text or "—", verdict, r.note])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="helpers of the benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sink = sub.add_parser("sink", help="run the loopback HTTP sink (used by loopback_http_rates)")
+    sink.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    web.run_app(_sink_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    _main()
