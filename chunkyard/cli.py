@@ -219,6 +219,106 @@ def cmd_stats(args: argparse.Namespace) -> None:
     _print(args, _call(args, lambda c: c.repository()), table)
 
 
+def _policy_flags(p: argparse.ArgumentParser, purpose: str) -> None:
+    """One --keep-* flag per retention setting (the engine's list, so the two cannot drift)."""
+    from repo_server.engine.retention import KEYS
+
+    units = {"hourly": "hours", "daily": "days", "weekly": "ISO weeks", "monthly": "months", "yearly": "years"}
+    for key in KEYS:
+        period = key.removeprefix("keep_")
+        what = "the N newest points" if period == "last" else \
+            f"the newest point of each of the N latest {units[period]} (UTC) that have one"
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, metavar="N", help=f"{purpose}{what}")
+
+
+def _policy_from(args: argparse.Namespace) -> dict[str, int]:
+    return {k: v for k, v in vars(args).items() if k.startswith("keep_") and v is not None}
+
+
+def _policy_text(policy: dict[str, int] | None) -> str:
+    if policy is None:
+        return "none"
+    if not policy:
+        return "{} (keeps every point)"
+    text = ", ".join(f"{k.removeprefix('keep_')} {n}" for k, n in policy.items())
+    return text if any(policy.values()) else f"{text} (keeps only the newest point)"
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
+
+
+def cmd_retention_show(args: argparse.Namespace) -> None:
+    def table(r: dict) -> None:
+        if args.vm:
+            source = {"vm": "its own", "default": "the repository default"}.get(r["source"])
+            applied = f"{_policy_text(r['effective'])} ({source})" if source else "every point (no policy)"
+            print(f"VM {r['vm']}\n  own policy:  {_policy_text(r['policy'])}\n  default:     "
+                  f"{_policy_text(r['default'])}\n  prune keeps: {applied}")
+            return
+        print(f"{'VM':<38}POLICY")
+        print(f"{'(default)':<38}{_policy_text(r['default'])}")
+        for vm, policy in sorted(r["vms"].items()):
+            print(f"{vm:<38}{_policy_text(policy)}")
+
+    _print(args, _call(args, lambda c: c.retention(args.vm)), table)
+
+
+def cmd_retention_set(args: argparse.Namespace) -> None:
+    policy = _policy_from(args)
+    _call(args, lambda c: c.set_retention(policy, args.vm))
+    print(f"Retention of {f'VM {args.vm}' if args.vm else 'the repository default'}: {_policy_text(policy)}. "
+          "`chunkyard prune` shows what it would delete.")
+
+
+def cmd_retention_unset(args: argparse.Namespace) -> None:
+    _call(args, lambda c: c.set_retention(None, args.vm))
+    print(f"Removed the policy of VM {args.vm}; the repository default applies to it." if args.vm else
+          "Removed the repository default; VMs without a policy of their own keep every point.")
+
+
+def cmd_protect(args: argparse.Namespace) -> None:
+    def line(p: dict) -> None:
+        note = p.get("protection", {}).get("note")
+        state = "protected" + (f" ({note})" if note else "") if p["protected"] else "no longer protected"
+        print(f"Point {p['point_id']} of VM {p['vm']['id']} is {state}.")
+
+    _print(args, _call(args, lambda c: c.protect(args.point, not args.off, args.note)), line)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    policy = _policy_from(args) or None
+
+    async def go(c: Client) -> dict:
+        job = await c.prune(vm=args.vm, dry_run=not args.yes, policy=policy)
+        while job["state"] == "running":
+            await asyncio.sleep(0.2)
+            job = await c.job(job["id"])
+        return job
+
+    job = _call(args, go)
+    if job["state"] != "done":
+        raise UserError(f"the prune job {job['id']} failed: {job['error']}")
+
+    def table(r: dict) -> None:
+        sources = {"vm": "its own policy", "default": "the repository default", "override": "this run's policy"}
+        for vm in r["vms"]:
+            why = vm.get("note") or f"{sources[vm['source']]}: {_policy_text(vm['policy'])}"
+            print(f"VM {vm['vm']} — {why}")
+            rows = [("KEEP", p, ", ".join(p["reasons"])) for p in vm["kept"]]
+            rows += [("WOULD GO" if r["dry_run"] else "REMOVED", p, "") for p in vm["removed"]]
+            for action, p, reasons in sorted(rows, key=lambda row: row[1]["created"], reverse=True):
+                print(f"  {action:<10}{p['point_id']:<22}{_utc(p['created']):<22}{reasons}")
+        if r["dry_run"]:
+            print(f"Dry run: {r['removed']} points would be removed, {r['kept']} kept. Nothing was deleted; "
+                  "run again with --yes to delete them.")
+        else:
+            print(f"Removed {r['removed']} points, kept {r['kept']}. Their data is freed by the next garbage "
+                  "collection (POST /api/v1/admin/gc).")
+
+    _print(args, job["result"], table)
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +393,51 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser(
+        "retention", help="show or set GFS retention policies (per VM, or the repository default)",
+        description="Retention policies say which restore points `chunkyard prune` keeps. A VM's own policy "
+                    "overrides the repository default; a VM with neither keeps every point. Rules count in UTC "
+                    "and each may keep the same point: with --keep-last 3 --keep-daily 7 the newest point is "
+                    "both 'last 1' and today's daily. Protected points are always kept.",
+        epilog="Example (PBS's ten years of dailies): chunkyard retention set --keep-last 3 --keep-daily 13 "
+               "--keep-weekly 8 --keep-monthly 11 --keep-yearly 9")
+    rsub = p.add_subparsers(dest="retention_command", required=True, metavar="ACTION")
+    for name, func, text in (("show", cmd_retention_show, "show the policies"),
+                             ("set", cmd_retention_set, "set a policy (settings not given are 0; none at all "
+                                                        "keeps every point)"),
+                             ("unset", cmd_retention_unset, "remove a policy")):
+        rp = rsub.add_parser(name, help=text)
+        rp.add_argument("--vm", help="a VM's policy (default: the repository default)")
+        if name == "set":
+            _policy_flags(rp, "keep ")
+        client_args(rp)
+        rp.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "prune", help="delete the restore points retention no longer keeps (a dry run unless --yes)",
+        description="Apply the retention policies and list every point kept (with its reasons) and removed. "
+                    "Without --yes nothing is deleted. Protected points and each VM's newest point are always "
+                    "kept. Deleted points' data is freed by the next garbage collection.")
+    p.add_argument("--vm", help="only this VM (default: every VM)")
+    _policy_flags(p, "instead of the stored policies, keep ")
+    p.add_argument("--yes", action="store_true", help="really delete (default: a dry run)")
+    client_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("protect", help="protect a restore point from prune and deletion, or release it")
+    p.add_argument("point", metavar="POINT", help="restore point id")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--note", default="", help="why it is kept (shown with the point)")
+    group.add_argument("--off", action="store_true", help="release the protection")
+    client_args(p)
+    p.set_defaults(func=cmd_protect)
+
+    from collectors.backup_cli import add_backup_parser
+    from collectors.lab_cli import add_lab_parser
+
+    add_backup_parser(sub, client_args, _client)
+    add_lab_parser(sub)
+
     p = sub.add_parser("repair", help="offline repairs of a stopped server's repository")
     p.add_argument("--data", default="./data", help="repository directory (default ./data)")
     p.add_argument("--rebuild-index", action="store_true", help="rebuild the index from packs and point files")
@@ -301,12 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from collectors.sources import SourceError
     from repo_server.engine import EngineError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ConfigError, ValueError, EngineError) as e:
+    except (UserError, ConfigError, ValueError, EngineError, SourceError) as e:
         print(f"chunkyard: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from aiohttp import web
 from chunkyard.config import ServerConfig
 from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
 
-from . import admin, catalog, jobs, sessions
+from . import admin, catalog, jobs, retention, sessions
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
@@ -95,6 +95,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None) -> web.Appl
     sessions.add_routes(app)
     catalog.add_routes(app)
     jobs.add_routes(app)
+    retention.add_routes(app)
     return app
 
 

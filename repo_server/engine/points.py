@@ -1,6 +1,8 @@
 """Restore point records: one JSON file per point (the source of truth) mirrored in the index.
 
-Files live at points/<vm_id>/<point_id>.json. Index keys (CF `points`):
+Files live at points/<vm_id>/<point_id>.json; a point file never changes. A protected point also has
+points/<vm_id>/<point_id>.protect (JSON {note, since}): that marker is the only copy of the protection,
+so an index rebuild keeps it. Index keys (CF `points`):
     p:<point_id>            the record
     v:<vm_id>\\0<point_id>   membership, sorted by time (point ids are time-ordered)
     m:<vm_id>               the VM's summary (name, host, latest point, count)
@@ -8,6 +10,7 @@ Files live at points/<vm_id>/<point_id>.json. Index keys (CF `points`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .durable import write_atomic
-from .errors import NotFound
+from .errors import Conflict, NotFound
 from .faults import crash_point
 from .index import U64, Batch, Index
 from .names import check_hex_id, check_name
@@ -36,6 +39,7 @@ def public(record: dict) -> dict:
         {k: v for k, v in d.items() if k != "pages"} | {"pages": len(d["pages"])} for d in record["disks"]
     ]
     out["blobs"] = {name: {"size": b["size"]} for name, b in record.get("blobs", {}).items()}
+    out["protected"] = "protection" in record
     return out
 
 
@@ -54,6 +58,29 @@ class PointStore:
 
     def path(self, vm_id: str, point_id: str) -> Path:
         return self.root / vm_id / f"{point_id}.json"
+
+    def protection_path(self, vm_id: str, point_id: str) -> Path:
+        return self.root / vm_id / f"{point_id}.protect"
+
+    def _with_protection(self, record: dict) -> dict:
+        """The record plus its `protection` {note, since} when protected, read from the marker file."""
+        with contextlib.suppress(FileNotFoundError):
+            record["protection"] = json.loads(self.protection_path(record["vm"]["id"], record["point_id"])
+                                              .read_bytes())
+        return record
+
+    def set_protection(self, point_id: str, protected: bool, note: str = "") -> dict:
+        """Protect a point from prune and DELETE, or release it. Under the lock that delete takes, so a
+        point is never deleted between its check and a protection being set."""
+        with self._lock:
+            record = self.get(point_id)
+            marker = self.protection_path(record["vm"]["id"], point_id)
+            if protected:
+                write_atomic(marker, json.dumps({"note": note, "since": time.time()}).encode())
+            elif marker.exists():
+                marker.unlink()
+                fsync_dir(marker.parent)
+        return self.get(point_id)
 
     def save(self, record: dict, batch: Batch) -> None:
         """Make a point durable: the file first, then the index (with the caller's batch) synced."""
@@ -87,7 +114,7 @@ class PointStore:
         value = self.index.get("points", b"p:" + point_id.encode())
         if value is None:
             raise NotFound(f"no restore point {point_id}", "point_not_found")
-        return json.loads(value)
+        return self._with_protection(json.loads(value))
 
     def vm(self, vm_id: str) -> dict | None:
         value = self.index.get("points", b"m:" + vm_id.encode())
@@ -106,21 +133,26 @@ class PointStore:
             raise NotFound(f"no VM {vm_id} has restore points", "vm_not_found")
         ids = self.ids_of_vm(vm_id)
         values = self.index.multi_get("points", [b"p:" + i.encode() for i in ids])
-        return [json.loads(v) for v in values if v is not None]
+        return [self._with_protection(json.loads(v)) for v in values if v is not None]
 
     def latest(self, vm_id: str) -> dict | None:
         summary = self.vm(vm_id)
         return self.get(summary["latest_point"]) if summary else None
 
     def delete(self, point_id: str) -> dict:
-        """Remove a point: the file first, so a crash can never resurrect it."""
-        record = self.get(point_id)
-        vm_id = record["vm"]["id"]
-        path = self.path(vm_id, point_id)
-        if path.exists():
-            path.unlink()
-            fsync_dir(path.parent)
+        """Remove a point: the file first, so a crash can never resurrect it. A protected point refuses.
+        All under the lock, so two deletes of one point cannot both count it off."""
         with self._lock:
+            record = self.get(point_id)
+            if "protection" in record:
+                note = record["protection"]["note"]
+                raise Conflict(f"point {point_id} is protected{f' ({note})' if note else ''}; release it first "
+                               f"with `chunkyard protect {point_id} --off` (PUT /points/{point_id}/protection "
+                               '{"protected": false})', "point_protected")
+            path = self.path(record["vm"]["id"], point_id)
+            if path.exists():
+                path.unlink()
+                fsync_dir(path.parent)
             batch = self.index.batch()
             self._unindex_point(record, batch)
             self.index.write(batch, sync=True)
