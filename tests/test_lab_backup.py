@@ -68,3 +68,44 @@ async def test_lab_fleet_full_incremental_reset(tmp_path: Path, collector: Clien
     assert await restore(admin, unchanged.point_id, did[names[1]]) == snapshots[names[1]]
     configs = (await admin.point(unchanged.point_id))["blobs"]
     assert configs  # the VM's configuration files travel with every point
+
+
+async def test_killed_collector_rerun_sends_nothing_twice(tmp_path: Path, server, admin: Client) -> None:
+    """SIGKILL a real `chunkyard backup` process mid-run; the re-run resumes its session, takes over the
+    stale checkpoint, and uploads only what the server does not have yet."""
+    import asyncio
+    import json
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    lab = tmp_path / "lab"
+    init_lab(lab, vms=1, disk_size=384 * MiB, seed=21)
+    token = (await admin.create_token("collector", "hv-lab"))["token"]
+    cmd = [sys.executable, "-m", "chunkyard.cli", "backup", "--source", f"lab:{lab}", "--vm", "vm01",
+           "--server", server.url, "--token", token, "--state", str(tmp_path / "state"), "--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    for _ in range(400):
+        await asyncio.sleep(0.02)
+        if (await admin.repository())["chunk_count"] >= 40:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    await asyncio.sleep(0.3)
+    stored_before = (await admin.repository())["chunk_count"]
+    assert stored_before >= 40 and (lab / "vm01" / "checkpoint.json").exists()
+
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["resumed_session"]
+    stats = await admin.repository()
+    assert result["server_stats"]["duplicate_chunks"] == 0  # no chunk crossed the wire twice
+    assert 0 < result["uploaded_chunks"] <= stats["chunk_count"] - stored_before
+    assert not (lab / "vm01" / "checkpoint.json").exists()
+    disk_id = result["disks"][0]["disk_id"]
+    assert await restore(admin, result["point_id"], disk_id) == raw_of(lab / "vm01" / "sys.vhdx",
+                                                                        tmp_path / "now.raw")

@@ -13,10 +13,11 @@ from aiohttp import web
 
 from chunkyard.vdisk import Piece, VhdxLayout
 from chunkyard.wire import ZERO
-from repo_server.engine import Corrupt
+from repo_server.engine import Corrupt, Repository
 from repo_server.engine.manifest import PAGE_ENTRIES, chunk_length
 from repo_server.engine.points import public
 from repo_server.engine.restore import DiskImage, find_disk
+from repo_server.engine.verify import verify_status
 
 from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, token_of
 
@@ -31,15 +32,22 @@ async def list_vms(request: web.Request) -> web.Response:
     return web.json_response({"vms": await run(request, request.app[REPO].points.vms)})
 
 
+def shown(repo: Repository, record: dict) -> dict:
+    """A point as the API shows it, with its latest verify status (None until verified)."""
+    return public(record) | {"verify": verify_status(repo, record["point_id"])}
+
+
 @roles("admin", "reader")
 async def list_points(request: web.Request) -> web.Response:
-    points = await run(request, request.app[REPO].points.of_vm, request.match_info["vm_id"])
-    return web.json_response({"points": [public(p) for p in points]})
+    repo = request.app[REPO]
+    points = await run(request, repo.points.of_vm, request.match_info["vm_id"])
+    return web.json_response({"points": [shown(repo, p) for p in points]})
 
 
 @roles("admin", "reader")
 async def get_point(request: web.Request) -> web.Response:
-    return web.json_response(public(request.app[REPO].points.get(request.match_info["pid"])))
+    repo = request.app[REPO]
+    return web.json_response(shown(repo, repo.points.get(request.match_info["pid"])))
 
 
 @roles("admin")

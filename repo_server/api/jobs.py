@@ -103,6 +103,23 @@ async def start_gc(request: web.Request) -> web.Response:
     return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
+@roles("admin")
+async def start_verify(request: web.Request) -> web.Response:
+    from repo_server.engine.verify import MODES, Verifier
+
+    body = await read_json(request, optional=True)
+    if not isinstance(body, dict):
+        raise ApiError(422, "bad_body", "the body must be a JSON object")
+    mode, percent = body.get("mode", "all"), body.get("percent", 10)
+    if mode not in MODES or not isinstance(percent, int | float) or isinstance(percent, bool) \
+            or not 0 < percent <= 100:
+        raise ApiError(422, "bad_field", f'the body may hold {{"mode": {"|".join(MODES)}, "percent": 0..100}}')
+    repo = request.app[REPO]
+    job = request.app[JOBS].start("verify", {"mode": mode, "percent": percent},
+                                  lambda job: Verifier(repo, job.progress, mode=mode, percent=percent).run())
+    return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
 @roles("admin", "reader")
 async def get_job(request: web.Request) -> web.Response:
     return web.json_response(request.app[JOBS].get(request.match_info["job_id"]).public())
@@ -122,5 +139,6 @@ def add_routes(app: web.Application) -> None:
     app.on_shutdown.append(stop_jobs)
     r = app.router
     r.add_post("/api/v1/admin/gc", start_gc)
+    r.add_post("/api/v1/admin/verify", start_verify)
     r.add_get("/api/v1/jobs", list_jobs)
     r.add_get("/api/v1/jobs/{job_id}", get_job)

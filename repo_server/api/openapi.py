@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from chunkyard import __version__
+from repo_server.engine.retention import KEYS
 
 OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -60,7 +61,8 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
                                     JSON_OBJ)},
     "/points/{pid}": {
         "get": ("A restore point", ["admin", "reader"], None, 200, JSON_OBJ),
-        "delete": ("Delete a restore point (its data goes at the next GC)", ["admin"], None, 204, None),
+        "delete": ("Delete a restore point (its data goes at the next GC); 409 when it is protected", ["admin"],
+                   None, 204, None),
     },
     "/points/{pid}/disks/{disk_id}/map": {"get": (
         "The n chunk digests of the disk (collectors compare against it when change tracking is unavailable; "
@@ -79,6 +81,35 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "Start a garbage collection job (mark from all points and open sessions, sweep, compact packs whose "
         'live fraction is under compact_below). Backups continue meanwhile. Optional body {"compact_below": 0.5}.'
         " Answers 202 with the job; follow it at /jobs/{id}.", ["admin"], "json-optional", 202, JSON_OBJ)},
+    "/retention": {
+        "get": ("Retention policies: the repository default and every VM's own", ["admin", "reader"], None, 200,
+                JSON_OBJ),
+        "put": ("Set the default GFS policy, used by VMs without their own. {} keeps every point",
+                ["admin"], {"$ref": "#/components/schemas/RetentionPolicy"}, 200, JSON_OBJ),
+        "delete": ("Remove the default policy", ["admin"], None, 204, None),
+    },
+    "/vms/{vm_id}/retention": {
+        "get": ("A VM's own policy, the default, and which one prune applies", ["admin", "reader"], None, 200,
+                JSON_OBJ),
+        "put": ("Set a VM's GFS policy (overrides the default; {} keeps every point)", ["admin"],
+                {"$ref": "#/components/schemas/RetentionPolicy"}, 200, JSON_OBJ),
+        "delete": ("Remove a VM's policy: the default applies again", ["admin"], None, 204, None),
+    },
+    "/points/{pid}/protection": {"put": (
+        "Protect a point (never deleted by prune or DELETE, which answers 409) or release it; kept across "
+        "index rebuilds. Answers the point.", ["admin"], {"$ref": "#/components/schemas/Protection"}, 200,
+        JSON_OBJ)},
+    "/admin/prune": {"post": (
+        "Start a prune job: per VM, keep the points its policy (or the body's override) selects, with reasons, "
+        "and delete the rest; protected points and each VM's newest point are always kept, and a VM without "
+        'any policy keeps everything. Optional body {"vm": id, "dry_run": true, "policy": {...}}: a dry run '
+        "(the default) deletes nothing. Space comes back at the next GC. Answers 202 with the job.",
+        ["admin"], "json-optional", 202, JSON_OBJ)},
+    "/admin/verify": {"post": (
+        'Start a verify job: {"mode": "all"} re-reads every live chunk once, pack by pack; "new" checks the chunks '
+        'of points created since the last run; "sample" those of a random {"percent": p} of points. Bad chunks '
+        "are quarantined (the next backup re-sends them) and every checked point gets a verify status.",
+        ["admin"], "json-optional", 202, JSON_OBJ)},
     "/jobs": {"get": ("Recent maintenance jobs", ["admin", "reader"], None, 200, JSON_OBJ)},
     "/jobs/{job_id}": {"get": ("A job's state, phase, progress (done/total) and result", ["admin", "reader"], None,
                                200, JSON_OBJ)},
@@ -86,6 +117,12 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
 }
 
 SCHEMAS = {
+    "RetentionPolicy": {"type": "object", "additionalProperties": False, "description": (
+        "GFS counts, UTC, weeks are ISO weeks; missing counts are 0. keep_last keeps the N newest points; each "
+        "other rule keeps the newest point of each of its N most recent periods that hold one."),
+        "properties": {k: {"type": "integer", "minimum": 0} for k in KEYS}},
+    "Protection": {"type": "object", "required": ["protected"], "additionalProperties": False, "properties": {
+        "protected": {"type": "boolean"}, "note": {"type": "string", "maxLength": 1000}}},
     "Error": {"type": "object", "required": ["error", "message"],
               "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
     "TokenRequest": {"type": "object", "required": ["role"], "properties": {

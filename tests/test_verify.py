@@ -1,0 +1,90 @@
+"""Verify against the real server: bit rot is found in exactly the affected points, quarantined, and
+healed by the next backup; the "new" and "sample" modes check each shared chunk once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from chunkyard.wire import Client, digest
+from repo_server.engine.index import Index, Location
+from tests.conftest import ServerProcess
+from tests.helpers import backup, make_disk, restore
+
+
+async def run_job(client: Client, path: str, **body) -> dict:
+    job = await client.json("POST", path, body or None)
+    while job["state"] == "running":
+        await asyncio.sleep(0.05)
+        job = await client.json("GET", f"/jobs/{job['id']}")
+    assert job["state"] == "done", job
+    return job["result"]
+
+
+def flip_byte_of_chunk(data: Path, chunk_digest: bytes) -> None:
+    """Bit rot inside one chunk's stored payload, found through the index."""
+    index = Index(data / "index")
+    try:
+        loc = Location.decode(chunk_digest, index.get("chunks", chunk_digest))
+    finally:
+        index.close()
+    path = next((data / "packs").glob(f"*/{loc.pack_id:016x}.pack"))
+    with open(path, "r+b") as f:
+        f.seek(loc.record.offset + 49 + loc.record.stored_len // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.fixture
+def srv(tmp_path: Path):
+    server = ServerProcess(tmp_path / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_bit_rot_found_quarantined_and_healed(srv: ServerProcess) -> None:
+    shared = make_disk("1", seed=5)  # one chunk shared by vm-a and vm-b
+    a = make_disk("r", seed=1) + shared + make_disk("r", seed=2)
+    b = shared + make_disk("rr", seed=3)
+    c = make_disk("rrr", seed=4)
+    async with srv.client() as admin:
+        points = {vm: await backup(admin, vm, {"d0": img}) for vm, img in (("vm-a", a), ("vm-b", b),
+                                                                            ("vm-c", c))}
+        clean = await run_job(admin, "/admin/verify")
+        assert clean["damaged_chunks"] == [] and clean["points_checked"] == 3
+        assert clean["chunks_checked"] == 3 + 3 + 2 + 3  # each data chunk once (shared once), plus 3 pages
+    srv.stop()
+    flip_byte_of_chunk(srv.data, digest(shared))
+    srv.start()
+    async with srv.client() as admin:
+        result = await run_job(admin, "/admin/verify", mode="all")
+        assert result["damaged_chunks"] == [digest(shared).hex()]
+        assert sorted(result["points_damaged"]) == sorted([points["vm-a"]["point_id"], points["vm-b"]["point_id"]])
+        status = (await admin.point(points["vm-a"]["point_id"]))["verify"]
+        assert status["ok"] is False and status["damaged_chunks"] == 1
+        assert (await admin.point(points["vm-c"]["point_id"]))["verify"]["ok"] is True
+        # Quarantined: the next backup of any VM holding the chunk sends it again, and heals both points.
+        healed = await backup(admin, "vm-b", {"d0": b})
+        assert healed["uploaded"] == 1
+        assert await restore(admin, points["vm-a"]["point_id"], "d0") == a
+        again = await run_job(admin, "/admin/verify", mode="all")
+        assert again["damaged_chunks"] == [] and again["points_damaged"] == []
+
+
+async def test_new_and_sample_modes(srv: ServerProcess) -> None:
+    async with srv.client() as admin:
+        first = await backup(admin, "vm1", {"d0": make_disk("rr", seed=1)})
+        await run_job(admin, "/admin/verify", mode="all")
+        second = await backup(admin, "vm2", {"d0": make_disk("rr", seed=1) + make_disk("r", seed=9)})
+        new = await run_job(admin, "/admin/verify", mode="new")
+        assert new["points_checked"] == 1 and new["chunks_checked"] == 3 + 1  # 3 data chunks, 1 page
+        assert (await admin.point(second["point_id"]))["verify"]["mode"] == "new"
+        sample = await run_job(admin, "/admin/verify", mode="sample", percent=100)
+        assert sample["points_checked"] == 2 and sample["chunks_checked"] == 3 + 2  # shared chunks once
+        assert (await admin.point(first["point_id"]))["verify"]["ok"] is True
+        with pytest.raises(Exception, match="422"):
+            await admin.json("POST", "/admin/verify", {"mode": "everything"})
