@@ -97,8 +97,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_repair(args: argparse.Namespace) -> None:
     from repo_server.engine import rebuild_index
 
+    if args.check:
+        _repair_check(args)
+        return
     if not args.rebuild_index:
-        raise UserError("say what to repair: --rebuild-index")
+        raise UserError("say what to do: --check (report) or --rebuild-index (repair)")
     print(f"Rebuilding the index of {args.data} from its packs and point files...")
     result = rebuild_index(Path(args.data))
     print(f"Done: {result['packs_scanned']} packs, {result['chunks']} chunks, {result['points']} points, "
@@ -106,6 +109,79 @@ def cmd_repair(args: argparse.Namespace) -> None:
     if not result["tokens_kept"]:
         print("No tokens survived: create an admin token with "
               f"`chunkyard token create --role admin --data {args.data}`.")
+
+
+def _repair_check(args: argparse.Namespace) -> None:
+    from repo_server.engine.verify import check_repository
+
+    repo = _offline_repo(args)
+    try:
+        report = check_repository(repo)
+    finally:
+        repo.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"Checked {report['chunks_checked']} chunks ({format_size(report['bytes_checked'])}) and "
+              f"{report['points_checked']} points.")
+        for key in ("damaged_chunks", "damaged_points", "orphan_packs", "missing_packs"):
+            if report[key]:
+                print(f"  {key.replace('_', ' ')}: {', '.join(report[key][:20])}"
+                      + (f" (+{len(report[key]) - 20} more)" if len(report[key]) > 20 else ""))
+        print("Healthy." if report["healthy"] else "Problems found: start the server and run `chunkyard verify` "
+              "to quarantine damaged chunks (the next backups re-send them).")
+    if not report["healthy"]:
+        raise SystemExit(1)
+
+
+async def wait_job(client: Client, job: dict, label: str) -> dict:
+    """Follow a maintenance job until it ends, showing its phase and progress on stderr."""
+    shown = ""
+    while job["state"] == "running":
+        await asyncio.sleep(0.2)
+        job = await client.job(job["id"])
+        total = f"/{job['total']}" if job.get("total") else ""
+        line = f"{label}: {job['phase']} {job['done']}{total}"
+        if line != shown and sys.stderr.isatty():
+            print(f"\r{line:<70}", end="", file=sys.stderr, flush=True)
+        shown = line
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if job["state"] != "done":
+        raise UserError(f"the {job['kind']} job {job['id']} failed: {job['error']}")
+    return job
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    async def go(c: Client) -> dict:
+        return await wait_job(c, await c.json("POST", "/admin/gc", {"compact_below": args.compact_below}),
+                              "gc")
+
+    result = _call(args, go)["result"]
+    _print(args, result, lambda r: print(
+        f"Swept {r['swept_chunks']} chunks ({format_size(r['swept_bytes'])}), deleted {r['packs_deleted']} "
+        f"packs, compacted {r['packs_compacted']}; {format_size(r['bytes_freed'])} freed in {r['seconds']:.1f} s."))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    async def go(c: Client) -> dict:
+        return await wait_job(c, await c.json("POST", "/admin/verify", {"mode": args.mode,
+                                                                         "percent": args.percent}), "verify")
+
+    result = _call(args, go)["result"]
+
+    def table(r: dict) -> None:
+        print(f"Verified {r['chunks_checked']} chunks ({format_size(r['bytes_checked'])}) of "
+              f"{r['points_checked']} points in {r['seconds']:.1f} s.")
+        if r["damaged_chunks"]:
+            print(f"{len(r['damaged_chunks'])} damaged chunks quarantined; damaged points (the next backups "
+                  f"of their VMs heal them): {', '.join(r['points_damaged'])}")
+        else:
+            print("Everything verified.")
+
+    _print(args, result, table)
+    if result["damaged_chunks"]:
+        raise SystemExit(1)
 
 
 def _offline_repo(args: argparse.Namespace) -> Any:
@@ -290,15 +366,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     policy = _policy_from(args) or None
 
     async def go(c: Client) -> dict:
-        job = await c.prune(vm=args.vm, dry_run=not args.yes, policy=policy)
-        while job["state"] == "running":
-            await asyncio.sleep(0.2)
-            job = await c.job(job["id"])
-        return job
+        return await wait_job(c, await c.prune(vm=args.vm, dry_run=not args.yes, policy=policy), "prune")
 
     job = _call(args, go)
-    if job["state"] != "done":
-        raise UserError(f"the prune job {job['id']} failed: {job['error']}")
 
     def table(r: dict) -> None:
         sources = {"vm": "its own policy", "default": "the repository default", "override": "this run's policy"}
@@ -438,9 +508,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_backup_parser(sub, client_args, _client)
     add_lab_parser(sub)
 
+    p = sub.add_parser("gc", help="garbage-collect chunks no point needs and compact packs (backups go on)")
+    p.add_argument("--compact-below", type=float, default=0.5, metavar="FRACTION",
+                   help="rewrite packs whose live fraction is under this (default 0.5)")
+    client_args(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("verify", help="re-read and hash stored chunks; quarantine damage so backups heal it")
+    p.add_argument("--mode", choices=("all", "new", "sample"), default="all",
+                   help="all chunks once (default), chunks of points new since the last run, or a sample")
+    p.add_argument("--percent", type=float, default=10, help="share of points for --mode sample (default 10)")
+    client_args(p)
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("repair", help="offline repairs of a stopped server's repository")
     p.add_argument("--data", default="./data", help="repository directory (default ./data)")
     p.add_argument("--rebuild-index", action="store_true", help="rebuild the index from packs and point files")
+    p.add_argument("--check", action="store_true",
+                   help="read-only: re-hash every chunk, resolve every point, compare packs and index")
+    p.add_argument("--json", action="store_true", help="print the --check report as JSON")
     p.set_defaults(func=cmd_repair)
     return parser
 

@@ -88,3 +88,39 @@ async def test_new_and_sample_modes(srv: ServerProcess) -> None:
         assert (await admin.point(first["point_id"]))["verify"]["ok"] is True
         with pytest.raises(Exception, match="422"):
             await admin.json("POST", "/admin/verify", {"mode": "everything"})
+
+
+async def test_cli_gc_verify_and_repair_check(srv: ServerProcess) -> None:
+    """The maintenance commands end to end: gc and verify follow their jobs; repair --check on the
+    stopped repository reports damage without changing anything, and exits 1 while it is there."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "chunkyard.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT)
+
+    disk = make_disk("rrr", seed=12)
+    async with srv.client() as admin:
+        await backup(admin, "vm1", {"d0": disk})
+        gone = await backup(admin, "vm2", {"d0": make_disk("rr", seed=13)})
+        await admin.delete_point(gone["point_id"])
+    base = ["--server", srv.url, "--token", srv.admin_token]
+    gc = cli("gc", *base, "--json")
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout)["swept_chunks"] == 3
+    verify = cli("verify", *base)
+    assert verify.returncode == 0 and "Everything verified." in verify.stdout
+    srv.stop()
+    healthy = cli("repair", "--check", "--data", str(srv.data))
+    assert healthy.returncode == 0 and "Healthy." in healthy.stdout
+    flip_byte_of_chunk(srv.data, digest(disk[1 << 20 : 2 << 20]))
+    damaged = cli("repair", "--check", "--data", str(srv.data), "--json")
+    assert damaged.returncode == 1
+    report = json.loads(damaged.stdout)
+    assert report["damaged_chunks"] == [digest(disk[1 << 20 : 2 << 20]).hex()] and len(report["damaged_points"]) == 1
+    assert cli("repair", "--check", "--data", str(srv.data)).returncode == 1  # read-only: still there
+    srv.start()
