@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,11 @@ from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Met
 
 log = logging.getLogger("chunkyard.server")
 STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500}
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC from our own writes, or RocksDB reporting the same through its message."""
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
 
 
 def _json_error(status: int, code: str, message: str, headers: dict | None = None) -> web.Response:
@@ -60,7 +66,14 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         status = 499
         raise
-    except Exception:
+    except Exception as e:
+        if _disk_full(e):
+            status = 507
+            log.error("%s %s: the repository's disk is full: %s", request.method, request.path, e)
+            if not request.get(STREAMING):
+                return _json_error(507, "disk_full", "the repository's disk is full: free space or grow the "
+                                   "volume, then retry; everything already committed is intact")
+            raise
         log.exception("%s %s failed", request.method, request.path)
         if request.get(STREAMING):  # headers already sent: aiohttp closes the connection
             raise

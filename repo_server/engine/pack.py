@@ -103,7 +103,12 @@ class PackWriter:
     def append(self, digest: bytes, flags: int, raw_len: int, stored: bytes | memoryview) -> Record:
         header = RECORD_HEADER.pack(RECORD_MAGIC, flags, raw_len, len(stored), digest, crc32c.crc32c(stored))
         record = Record(digest, self.size, len(stored), raw_len, flags)
-        self._write(header + bytes(stored))
+        try:
+            self._write(header + bytes(stored))
+        except OSError:  # e.g. disk full: cut the partial record so the pack stays well-formed
+            os.ftruncate(self._fd, record.offset)
+            self.size = record.offset
+            raise
         self.records.append(record)
         return record
 
