@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from chunkyard.wire import DIGEST_LEN, ZERO
+from chunkyard.wire import ZERO
 
 from .chunk_store import PACK_KEY
 from .errors import Conflict
@@ -141,8 +141,9 @@ class GarbageCollector:
         self.walked.update(new)
 
     def _staged_digests(self) -> Iterable[bytes]:
-        for key, value in self.index.scan("staging"):
-            yield key[-DIGEST_LEN:] if len(key) == 16 + 2 + DIGEST_LEN else value  # pins carry it in the key
+        """Map entries (one digest each) and pins (digests back to back) of every open session."""
+        for _, value in self.index.scan("staging"):
+            yield from split_page(value)
 
     def _mark_blobs(self, refs: Iterable[dict]) -> None:
         self._mark_digests(bytes.fromhex(c) for ref in refs for c in ref["chunks"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import json
 import secrets
 import struct
@@ -40,7 +41,7 @@ STAGING_KEY = struct.Struct(">16sHQ")
 MAP_SLICE = 16384
 RAW_LEN = struct.Struct("<I")
 RAW_LEN_OFFSET = 20  # in a chunks-CF value: pack_id u64 | offset u64 | stored_len u32 | raw_len u32 | flags
-PIN_ORDINAL = b"\xff\xff"  # staging keys sid | ffff | digest: chunks `missing` reported present (GC pins)
+PIN_DISK = 0xFFFF  # the disk ordinal of pin keys in staging (real disks are 0..MAX_DISKS-1)
 INDEX_BATCH = 1000
 
 
@@ -80,6 +81,7 @@ class SessionStore:
         self._lock = threading.Lock()
         self._busy: set[str] = set()  # sessions being committed or aborted
         self._touched: dict[str, float] = {}
+        self._pin_seq = itertools.count(time.time_ns())  # unique across restarts too
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -214,16 +216,14 @@ class SessionStore:
         return bytes(bitmap)
 
     def pin(self, sid: str, digests: Iterable[bytes]) -> None:
-        """Promise that these chunks outlive the session: a GC that starts later marks them (staging
-        keys sid | ffff | digest). Written before a chunk becomes visible, so no GC can miss it."""
-        prefix = bytes.fromhex(sid) + PIN_ORDINAL
-        batch = self.index.batch()
-        for d in digests:
-            batch.put("staging", prefix + d, b"")
-            if len(batch) >= INDEX_BATCH:
-                self.index.write(batch)
-                batch = self.index.batch()
-        self.index.write(batch)
+        """Promise that these chunks outlive the session: a GC that starts later marks them. One staging
+        key per call (sid | ffff | sequence u64) holding the digests back to back: a 32k-digest `missing`
+        answer costs one put, not 32k. Written before a chunk becomes visible, so no GC can miss it."""
+        value = b"".join(digests)
+        if value:
+            batch = self.index.batch()
+            batch.put("staging", STAGING_KEY.pack(bytes.fromhex(sid), PIN_DISK, next(self._pin_seq)), value)
+            self.index.write(batch)
 
     def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
         self.open_header(sid)
