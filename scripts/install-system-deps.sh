@@ -5,6 +5,14 @@ set -euo pipefail
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v smbd >/dev/null 2>&1 || need+=(samba)
+# Azurite (the Azure Blob emulator) from npm, pinned: 3.36+ needs Node >= 21. Installed into tools/.
+if [ ! -x tools/node_modules/.bin/azurite-blob ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --silent --no-audit --no-fund --prefix tools azurite@3.35.0 >/dev/null
+  else
+    need+=(nodejs npm)
+  fi
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-system-deps: missing ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
@@ -13,3 +21,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if [ ! -x tools/node_modules/.bin/azurite-blob ]; then
+  npm install --silent --no-audit --no-fund --prefix tools azurite@3.35.0 >/dev/null
+fi
