@@ -11,6 +11,10 @@ LISTEN ?= 127.0.0.1:8420
 $(BIN)/chunkyard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml $(BIN)/chunkyard
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -21,11 +25,11 @@ run: $(BIN)/chunkyard
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-test: $(BIN)/chunkyard system-deps
+test: $(VENV)/.test-deps system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-lint: $(BIN)/chunkyard
+lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 
 bench: $(BIN)/chunkyard
