@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from chunkyard.units import format_size, parse_size
 from chunkyard.wire import ApiError, Client
 
 DEFAULT_SERVER = "http://127.0.0.1:8420"
+PASSPHRASE_ENV = "CHUNKYARD_PASSPHRASE"
 ROLES = ("admin", "collector", "reader")
 
 
@@ -70,8 +72,9 @@ def cmd_init(args: argparse.Namespace) -> None:
     from repo_server.engine import Repository, init_repository
 
     data = Path(args.data)
-    desc = init_repository(data, parse_size(args.chunk_size))
-    repo = Repository(data)
+    passphrase = os.environ.get(PASSPHRASE_ENV) or None
+    desc = init_repository(data, parse_size(args.chunk_size), encrypt=not args.no_encrypt, passphrase=passphrase)
+    repo = Repository(data, passphrase=passphrase)
     try:
         token, _ = repo.tokens.create("admin", "initial admin")
     finally:
@@ -82,6 +85,15 @@ def cmd_init(args: argparse.Namespace) -> None:
         f.write(token + "\n")
     print(f"Initialised repository {desc.repository_id} in {data} (chunk size {format_size(desc.chunk_size)}).")
     print(f"Admin token (shown once; also saved to {token_path}, mode 0600):\n\n    {token}\n")
+    if args.no_encrypt:
+        print("WARNING: the repository is NOT encrypted (--no-encrypt): its disks and cloud copies reveal the data.")
+    elif passphrase:
+        print(f"Encrypted (AES-256-GCM); the key is wrapped by ${PASSPHRASE_ENV} (fingerprint {desc.key_fingerprint}).")
+    else:
+        print(f"Encrypted (AES-256-GCM). No ${PASSPHRASE_ENV} was set, so the key is in {data / 'repo.key'}:\n"
+              "  EXPORT THE PAPER KEY NOW and keep it off this machine: without it a lost site means lost backups.\n"
+              f"  chunkyard key export --paper --data {data}\n"
+              f"  chunkyard key change-passphrase --data {data}   (to protect the key with a passphrase)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -91,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          data=Path(args.data) if args.data else None, listen=args.listen)
     if not (config.data / "repo.toml").exists():
         raise UserError(f"{config.data} holds no repository: create one with `chunkyard init --data {config.data}`")
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, passphrase_for(config.data)))
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
@@ -103,7 +115,7 @@ def cmd_repair(args: argparse.Namespace) -> None:
     if not args.rebuild_index:
         raise UserError("say what to do: --check (report) or --rebuild-index (repair)")
     print(f"Rebuilding the index of {args.data} from its packs and point files...")
-    result = rebuild_index(Path(args.data))
+    result = rebuild_index(Path(args.data), passphrase_for(Path(args.data)))
     print(f"Done: {result['packs_scanned']} packs, {result['chunks']} chunks, {result['points']} points, "
           f"{result['tokens_kept']} tokens kept.")
     if not result["tokens_kept"]:
@@ -184,10 +196,21 @@ def cmd_verify(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def passphrase_for(data: Path) -> str | None:
+    """$CHUNKYARD_PASSPHRASE, else a prompt on a terminal when the key is passphrase-protected."""
+    from repo_server.engine.keyring import KEY_FILE, WRAPPED_FILE
+
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if (data / WRAPPED_FILE).exists() and not (data / KEY_FILE).exists() and sys.stdin.isatty():
+        return getpass.getpass(f"Passphrase for the repository key of {data}: ")
+    return None
+
+
 def _offline_repo(args: argparse.Namespace) -> Any:
     from repo_server.engine import Repository
 
-    return Repository(Path(args.data))
+    return Repository(Path(args.data), passphrase=passphrase_for(Path(args.data)))
 
 
 def cmd_token_create(args: argparse.Namespace) -> None:
@@ -409,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a repository and its first admin token")
     p.add_argument("--data", default="./data", help="repository directory (default ./data)")
     p.add_argument("--chunk-size", default="1MiB", help="chunk size for life: 256KiB..8MiB, power of two (1MiB)")
+    p.add_argument("--no-encrypt", action="store_true",
+                   help="store data unencrypted (not recommended); by default AES-256-GCM with a key wrapped by "
+                        "$CHUNKYARD_PASSPHRASE, or kept in DATA/repo.key when that is unset")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="run the repository server")
@@ -505,8 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     from collectors.backup_cli import add_backup_parser
     from collectors.lab_cli import add_lab_parser
 
+    from .key_cli import add_key_parser
+
     add_backup_parser(sub, client_args, _client)
     add_lab_parser(sub)
+    add_key_parser(sub, passphrase_for)
 
     p = sub.add_parser("gc", help="garbage-collect chunks no point needs and compact packs (backups go on)")
     p.add_argument("--compact-below", type=float, default=0.5, metavar="FRACTION",

@@ -14,8 +14,8 @@ from repo_server.api import create_app
 from repo_server.api.common import REPO
 
 
-async def serve(config: ServerConfig) -> None:
-    app = create_app(config)
+async def serve(config: ServerConfig, passphrase: str | None = None) -> None:
+    app = create_app(config, passphrase=passphrase)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()  # opens the repository and runs startup recovery
     repo = app[REPO]
@@ -26,6 +26,8 @@ async def serve(config: ServerConfig) -> None:
         logging.warning("recovery: %d chunk records re-indexed, %d torn bytes cut, %d points re-indexed, "
                         "%d stale point entries dropped", rec.records_reindexed, rec.bytes_truncated,
                         repo.points_recovered, repo.points_dropped)
+    if repo.descriptor.encryption == "none":
+        logging.warning("this repository is NOT encrypted: its disks and any cloud copy reveal the backups")
     for damage in rec.damaged:
         logging.error("recovery: damaged record at %s (skipped; its chunk fails verification)", damage)
     print(f"Chunkyard {repo.descriptor.repository_id} ({config.data}) serving on "

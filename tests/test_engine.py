@@ -20,8 +20,9 @@ from tests.conftest import ROOT, ServerProcess
 from tests.helpers import backup, make_disk, restore
 
 
-def chunk(data: bytes) -> NewChunk:
-    return NewChunk(digest(data), 0, len(data), data)
+def chunk(repo: Repository, data: bytes) -> NewChunk:
+    """A chunk as the engine stores it: under its id (the keyed digest in an encrypted repository)."""
+    return NewChunk(repo.chunk_ids([digest(data)])[0], 0, len(data), data)
 
 
 def test_pack_records_trailer_and_torn_tail(tmp_path: Path) -> None:
@@ -50,12 +51,12 @@ def test_group_commit_dedups_and_rolls_packs(tmp_path: Path) -> None:
     repo = Repository(tmp_path / "r", pack_size=64 * 1024)
     try:
         data = [os.urandom(30_000) for _ in range(10)]
-        first = repo.chunks.put([chunk(d) for d in data] + [chunk(data[0])])
+        first = repo.chunks.put([chunk(repo, d) for d in data] + [chunk(repo, data[0])])
         assert (first.stored, first.duplicate) == (10, 1)
-        assert repo.chunks.put([chunk(d) for d in data[:3]]).duplicate == 3
+        assert repo.chunks.put([chunk(repo, d) for d in data[:3]]).duplicate == 3
         assert repo.chunks.pack_count >= 4  # 64 KiB packs hold two 30 KB chunks each
         with repo.chunks.reader() as reader:
-            assert all(reader.read_digest(digest(d)) == d for d in data)
+            assert all(reader.read_digest(repo.chunk_ids([digest(d)])[0]) == d for d in data)
     finally:
         repo.close()
     # Sealed packs carry their trailer, the open one is scanned: reopening loses nothing.
@@ -133,6 +134,6 @@ async def test_corrupt_chunk_cuts_the_stream(tmp_path: Path) -> None:
     repo = Repository(srv.data)
     try:
         bad = [k for k, _ in repo.index.scan("meta", b"bad/")]
-        assert bad == [b"bad/" + digest(disk[2 << 20 : 3 << 20])]  # marked for verify and repair
+        assert bad == [b"bad/" + repo.chunk_ids([digest(disk[2 << 20 : 3 << 20])])[0]]  # for verify and repair
     finally:
         repo.close()

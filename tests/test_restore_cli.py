@@ -20,6 +20,7 @@ from chunkyard.restore import part_paths
 from chunkyard.vdisk import open_vhdx
 from chunkyard.wire import API_PREFIX, Client, digest
 from repo_server.engine.pack import RECORD_HEADER, RECORD_MAGIC
+from repo_server.engine.repository import open_keyring, read_descriptor
 from tests.conftest import ROOT, ServerProcess, require_tool
 from tests.helpers import MiB, backup, make_disk
 
@@ -67,7 +68,7 @@ def leave_part(out: Path, data: bytes, etag: str) -> None:
 
 def flip_stored_byte(data_dir: Path, chunk: bytes) -> None:
     """Flip a byte in the middle of a chunk's payload in its pack (bit rot); calling it again repairs it."""
-    want = digest(chunk)
+    want = open_keyring(data_dir, read_descriptor(data_dir), None).id(digest(chunk))  # the id at rest
     for pack in data_dir.glob("packs/*/*.pack"):
         blob = bytearray(pack.read_bytes())
         at = blob.find(want)

@@ -82,7 +82,8 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
         request.app[METRICS].requests[(route, status)] += 1
 
 
-def create_app(config: ServerConfig, repo: Repository | None = None) -> web.Application:
+def create_app(config: ServerConfig, repo: Repository | None = None, passphrase: str | None = None
+               ) -> web.Application:
     """Build the server. Without `repo` the app opens (and closes) the repository at config.data."""
     app = web.Application(middlewares=[errors_and_auth], client_max_size=1 << 20)
     app[CONFIG] = config
@@ -92,7 +93,8 @@ def create_app(config: ServerConfig, repo: Repository | None = None) -> web.Appl
         pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="chunkyard")
         app[POOL] = pool
         opened = repo or await asyncio.get_running_loop().run_in_executor(pool, lambda: Repository(
-            config.data, pack_size=config.pack_size_mib << 20, cache_bytes=config.index_cache_mib << 20))
+            config.data, pack_size=config.pack_size_mib << 20, cache_bytes=config.index_cache_mib << 20,
+            passphrase=passphrase))
         app[REPO] = opened
         housekeeping = asyncio.create_task(_housekeeping(app))
         yield

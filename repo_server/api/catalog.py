@@ -73,7 +73,7 @@ async def get_map(request: web.Request) -> web.StreamResponse:
     request[STREAMING] = True
     try:
         for page in range(len(image.root)):
-            await resp.write(b"".join(await run(request, image.page, page)))
+            await resp.write(repo.keyring.digests(b"".join(await run(request, image.page, page))))
     finally:
         image.close()
     await resp.write_eof()

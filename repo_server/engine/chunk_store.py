@@ -13,12 +13,18 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+
+from chunkyard.wire import digest
+
 from .barrier import GcBarrier
-from .codec import CodecError, decode_verified
+from .codec import CodecError, decode
 from .errors import Corrupt, NotFound
 from .faults import crash_point
 from .index import U64, Index, Location
+from .keyring import Keyring
 from .pack import (
+    FLAG_SEALED,
     RECORD_HEADER,
     PackFormatError,
     PackWriter,
@@ -27,6 +33,7 @@ from .pack import (
     pack_path,
     parse_record,
     read_trailer,
+    sealing_aad,
 )
 
 PACK_KEY = U64  # packs CF key: pack id, little-endian u64
@@ -68,8 +75,10 @@ class _Waiter:
 
 
 class ChunkStore:
-    def __init__(self, index: Index, root: Path, barrier: GcBarrier, *, pack_size: int = 32 << 20):
+    def __init__(self, index: Index, root: Path, barrier: GcBarrier, keyring: Keyring, *,
+                 pack_size: int = 32 << 20):
         self.index = index
+        self.keyring = keyring
         self.root = root
         self.barrier = barrier
         self.pack_size = pack_size
@@ -195,11 +204,15 @@ class ChunkStore:
                     result.duplicate += 1
                     continue
                 writer = self._open_writer()
-                record = writer.append(chunk.digest, chunk.flags, chunk.raw_len, chunk.stored)
+                flags, stored = chunk.flags, chunk.stored
+                if self.keyring.encrypted:
+                    flags |= FLAG_SEALED
+                    stored = self.keyring.seal(stored, sealing_aad(flags, chunk.raw_len, chunk.digest))
+                record = writer.append(chunk.digest, flags, chunk.raw_len, stored)
                 written[chunk.digest] = (writer.pack_id, record)
                 touched_packs[writer.pack_id] = writer
                 result.stored += 1
-                result.bytes += len(chunk.stored)
+                result.bytes += len(stored)
                 result.stored_digests.append(chunk.digest)
                 if writer.size >= self.pack_size:
                     writer.seal()
@@ -330,6 +343,23 @@ class ChunkStore:
         self._put_pack_state(batch, writer.pack_id, "sealed", writer.size, len(writer.records))
         self.index.write(batch)
 
+    def decode(self, record: Record, stored: bytes) -> bytes:
+        """Stored bytes -> raw bytes, refusing anything that is not exactly what the record's id names:
+        the seal (AES-GCM over payload and header), the codec, the length and the digest. Raises CodecError."""
+        sealed = bool(record.flags & FLAG_SEALED)
+        if sealed != self.keyring.encrypted:
+            raise CodecError("the record is sealed but the repository is not encrypted" if sealed else
+                             "the record is not sealed but the repository is encrypted (mixed records are refused)")
+        if sealed:
+            try:
+                stored = self.keyring.open(stored, sealing_aad(record.flags, record.raw_len, record.digest))
+            except InvalidTag:
+                raise CodecError("AES-GCM authentication failed (damaged record)") from None
+        raw = decode(record.codec, record.raw_len, stored)
+        if self.keyring.id(digest(raw)) != record.digest:
+            raise CodecError("BLAKE3 of the payload does not match its chunk id")
+        return raw
+
     def mark_bad(self, digest: bytes, reason: str) -> None:
         """Remember a chunk that failed verification, for verify jobs and operators."""
         batch = self.index.batch()
@@ -399,10 +429,10 @@ class ChunkReader:
             raise Corrupt(f"chunk {rec.digest.hex()}: {e}") from None
 
     def read(self, loc: Location) -> bytes:
-        """The raw bytes of a chunk, decompressed and BLAKE3-verified."""
+        """The raw bytes of a chunk: opened, decompressed and checked against its id."""
         stored = self.read_stored(loc)
         try:
-            return decode_verified(loc.record.codec, loc.record.raw_len, stored, loc.record.digest)
+            return self._store.decode(loc.record, stored)
         except CodecError as e:
             self._store.mark_bad(loc.record.digest, str(e))
             raise Corrupt(f"chunk {loc.record.digest.hex()}: {e}") from None

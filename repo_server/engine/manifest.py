@@ -92,11 +92,12 @@ def assemble(
     chunk_size: int,
     changes: Iterable[tuple[int, bytes]],
     load: PageLoader,
+    page_id: Callable[[bytes], bytes] = lambda data: blake3.blake3(data).digest(),
 ) -> AssemblyResult:
     """Build the manifest root of a synthetic full from a base root and changed entries sorted by index.
 
-    The rewritten pages are returned in `new_pages` (their digests are already in `root`) for the
-    caller to store in one durable batch.
+    The rewritten pages are returned in `new_pages` (their ids, from `page_id`, are already in `root`)
+    for the caller to store in one durable batch.
     """
     chunks = chunk_count(size, chunk_size)
     base_chunks = chunk_count(base_size, chunk_size)
@@ -132,7 +133,7 @@ def assemble(
             root[page] = ZERO
         else:
             data = bytes(entries)
-            root[page] = blake3.blake3(data).digest()
+            root[page] = page_id(data)
             result.new_pages.append(data)
 
     pending_extra = sorted(extra)

@@ -5,7 +5,9 @@
     trailer      b"CYTR" | count u32 | count × (digest[32] offset u64 stored_len u32 raw_len u32 flags u8)
     footer       trailer_offset u64 | crc32c(trailer) u32 | b"CYSE"
 
-Flags: bits 0-1 codec (0 raw, 1 zstd), bit 2 meta (a manifest page or blob piece).
+Flags: bits 0-1 codec (0 raw, 1 zstd), bit 2 meta (a manifest page or blob piece), bit 3 sealed
+(AES-256-GCM: nonce | ciphertext | tag, the header bound as associated data). In an encrypted
+repository the digest field holds the keyed chunk id, never the plain digest.
 A sealed pack ends with trailer and footer, so the index can be rebuilt from packs alone;
 an open pack is recovered by scanning records until the first torn or invalid one.
 """
@@ -27,6 +29,7 @@ TRAILER_HEAD = struct.Struct("<4sI")
 TRAILER_ENTRY = struct.Struct("<32sQIIB")
 FOOTER = struct.Struct("<QI4s")
 FLAG_META = 0x04
+FLAG_SEALED = 0x08  # payload is AES-256-GCM sealed (encrypted repositories)
 CODEC_MASK = 0x03
 MAX_STORED_LEN = 64 * 1024 * 1024
 
@@ -183,6 +186,11 @@ def scan_records(path: Path, protected_end: int = 0) -> tuple[list[Record], int,
             break
     damaged = [d for d in damaged if d < end]  # what lies past the last intact record is the torn tail
     return records, min(max(end, protected_end), len(data)), damaged
+
+
+def sealing_aad(flags: int, raw_len: int, chunk_id: bytes) -> bytes:
+    """What a sealed payload is bound to: moving it under another header fails authentication."""
+    return RECORD_MAGIC + bytes([flags]) + raw_len.to_bytes(4, "little") + chunk_id
 
 
 def parse_record(buf: bytes, record: Record) -> bytes:

@@ -23,6 +23,7 @@ from .durable import write_atomic
 from .errors import Conflict, NotFound
 from .faults import crash_point
 from .index import U64, Batch, Index
+from .keyring import Keyring
 from .names import check_hex_id, check_name
 from .pack import fsync_dir
 
@@ -49,9 +50,10 @@ def logical_bytes(record: dict) -> int:
 
 
 class PointStore:
-    def __init__(self, index: Index, root: Path):
+    def __init__(self, index: Index, root: Path, keyring: Keyring):
         self.index = index
         self.root = root
+        self.keyring = keyring  # point files are sealed in an encrypted repository
         self._lock = threading.Lock()
         self.logical_bytes = index.counter("logical_bytes")
         self.point_count = index.counter("point_count")
@@ -85,7 +87,7 @@ class PointStore:
     def save(self, record: dict, batch: Batch) -> None:
         """Make a point durable: the file first, then the index (with the caller's batch) synced."""
         vm_id, point_id = record["vm"]["id"], record["point_id"]
-        write_atomic(self.path(vm_id, point_id), json.dumps(record).encode())
+        write_atomic(self.path(vm_id, point_id), self.keyring.seal_file(json.dumps(record).encode()))
         crash_point("after_point_file")
         with self._lock:
             self._index_point(record, batch)
@@ -191,7 +193,8 @@ class PointStore:
         added = []
         with self._lock:
             for point_id in sorted(on_disk.keys() - indexed):
-                record: dict[str, Any] = json.loads(on_disk[point_id].read_bytes())
+                path = on_disk[point_id]
+                record: dict[str, Any] = json.loads(self.keyring.open_file(path.read_bytes(), str(path)))
                 batch = self.index.batch()
                 self._index_point(record, batch)
                 self.index.write(batch, sync=True)

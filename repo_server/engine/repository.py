@@ -27,6 +27,8 @@ from .codec import compress
 from .durable import write_atomic
 from .errors import EngineError, Invalid, NotFound
 from .index import Index
+from .keyring import KeyProblem, Keyring, fingerprint, load_key, new_master, save_key
+from .manifest import split_page
 from .pack import FLAG_META
 from .points import PointStore
 from .sessions import SessionStore
@@ -34,6 +36,7 @@ from .tokens import TokenStore
 
 Pin = Callable[[list[bytes]], None]
 FORMAT_VERSION = 1
+PASSPHRASE_ENV = "CHUNKYARD_PASSPHRASE"
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 256 << 10
 MAX_CHUNK_SIZE = 8 << 20
@@ -49,14 +52,18 @@ class Descriptor:
     format_version: int
     chunk_size: int
     created: float
+    encryption: str = "none"  # or "aes-256-gcm"
+    key_fingerprint: str = ""
 
     def to_toml(self) -> str:
         return (
-            "# Chunkyard repository descriptor. Do not edit: the chunk size is fixed for life.\n"
+            "# Chunkyard repository descriptor. Do not edit: the chunk size and the key are fixed for life.\n"
             f'repository_id = "{self.repository_id}"\n'
             f"format_version = {self.format_version}\n"
             f"chunk_size = {self.chunk_size}\n"
             f"created = {self.created}\n"
+            f'encryption = "{self.encryption}"\n'
+            f'key_fingerprint = "{self.key_fingerprint}"\n'
         )
 
 
@@ -67,17 +74,38 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def init_repository(data: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Descriptor:
-    """Create an empty repository; refuse to touch a directory that already holds one."""
+def init_repository(data: Path, chunk_size: int = DEFAULT_CHUNK_SIZE, *, encrypt: bool = True,
+                    passphrase: str | None = None, master: bytes | None = None) -> Descriptor:
+    """Create an empty repository; refuse to touch a directory that already holds one. Encrypted unless
+    told otherwise: the key is wrapped by `passphrase`, or else kept in repo.key (see keyring.py).
+    `master` imports an existing key (attaching a bucket after losing the site)."""
     check_chunk_size(chunk_size)
     if (data / "repo.toml").exists():
         raise RepositoryError(f"{data} already holds a repository (repo.toml exists)", "already_exists")
     data.mkdir(parents=True, exist_ok=True)
     for sub in ("packs", "points"):
         (data / sub).mkdir(exist_ok=True)
-    desc = Descriptor(str(uuid.uuid4()), FORMAT_VERSION, chunk_size, round(time.time(), 3))
+    fp = ""
+    if encrypt:
+        master = master or new_master()
+        save_key(data, master, passphrase)
+        fp = fingerprint(master)
+    desc = Descriptor(str(uuid.uuid4()), FORMAT_VERSION, chunk_size, round(time.time(), 3),
+                      "aes-256-gcm" if encrypt else "none", fp)
     write_atomic(data / "repo.toml", desc.to_toml().encode())
     return desc
+
+
+def open_keyring(data: Path, desc: Descriptor, passphrase: str | None) -> Keyring:
+    if desc.encryption == "none":
+        return Keyring.plain()
+    if desc.encryption != "aes-256-gcm":
+        raise RepositoryError(f"unknown encryption {desc.encryption!r} in repo.toml", "bad_descriptor")
+    master = load_key(data, passphrase)
+    if fingerprint(master) != desc.key_fingerprint:
+        raise KeyProblem(f"this key (fingerprint {fingerprint(master)}) is not the repository's "
+                         f"({desc.key_fingerprint})", "wrong_key")
+    return Keyring(master)
 
 
 def read_descriptor(data: Path) -> Descriptor:
@@ -93,7 +121,8 @@ def read_descriptor(data: Path) -> Descriptor:
         raise RepositoryError(f"{path} is not valid TOML: {e}", "bad_descriptor") from None
     try:
         desc = Descriptor(str(raw["repository_id"]), int(raw["format_version"]), int(raw["chunk_size"]),
-                          float(raw["created"]))
+                          float(raw["created"]), str(raw.get("encryption", "none")),
+                          str(raw.get("key_fingerprint", "")))
     except (KeyError, TypeError, ValueError) as e:
         raise RepositoryError(f"{path} lacks or mistypes a field: {e}", "bad_descriptor") from None
     if desc.format_version != FORMAT_VERSION:
@@ -106,10 +135,13 @@ def read_descriptor(data: Path) -> Descriptor:
 class Repository:
     """Everything the server needs, opened with recovery. One process at a time (a lock file)."""
 
-    def __init__(self, data: Path, *, pack_size: int = 32 << 20, cache_bytes: int = 128 << 20):
+    def __init__(self, data: Path, *, pack_size: int = 32 << 20, cache_bytes: int = 128 << 20,
+                 passphrase: str | None = None):
         self.data = data
         self.descriptor = read_descriptor(data)
         self.chunk_size = self.descriptor.chunk_size
+        self.keyring = open_keyring(data, self.descriptor,
+                                    passphrase if passphrase is not None else os.environ.get(PASSPHRASE_ENV))
         self._lock_fd = os.open(data / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,8 +157,8 @@ class Repository:
                                   "`chunkyard repair --rebuild-index` rebuilds it from the packs", "bad_index") from e
         self.barrier = GcBarrier()
         self.gc_lock = threading.Lock()
-        self.chunks = ChunkStore(self.index, data / "packs", self.barrier, pack_size=pack_size)
-        self.points = PointStore(self.index, data / "points")
+        self.chunks = ChunkStore(self.index, data / "packs", self.barrier, self.keyring, pack_size=pack_size)
+        self.points = PointStore(self.index, data / "points", self.keyring)
         self.sessions = SessionStore(self)
         self.tokens = TokenStore(self.index)
         self.recovery: RecoveryReport = self.chunks.recover()
@@ -155,9 +187,13 @@ class Repository:
         stored = iter(self._store([p for p in pieces if any(p)], FLAG_META, pin))
         return {"size": len(data), "chunks": [next(stored).hex() if any(p) else ZERO.hex() for p in pieces]}
 
+    def chunk_ids(self, digests: list[bytes]) -> list[bytes]:
+        """Plain digests -> the ids the repository stores them under (the same when not encrypted)."""
+        return split_page(self.keyring.ids(b"".join(digests)))
+
     def _store(self, raws: list[bytes], flags: int, pin: Pin | None) -> list[bytes]:
         """Pin (so a GC starting now keeps them), then store durably; returns the digests."""
-        digests = [digest(raw) for raw in raws]
+        digests = self.chunk_ids([digest(raw) for raw in raws])
         if pin is not None:
             pin(digests)
         chunks = []
@@ -188,6 +224,8 @@ class Repository:
             "logical_bytes": p.logical_bytes,
             "unique_bytes": c.unique_bytes,
             "stored_bytes": c.stored_bytes,
+            "encryption": self.descriptor.encryption,
+            "key_fingerprint": self.descriptor.key_fingerprint or None,
             "dedup_ratio": round(p.logical_bytes / c.unique_bytes, 3) if c.unique_bytes else None,
             "compression_ratio": round(c.unique_bytes / c.stored_bytes, 3) if c.stored_bytes else None,
             "chunk_count": c.chunk_count,
@@ -197,7 +235,7 @@ class Repository:
         }
 
 
-def rebuild_index(data: Path) -> dict:
+def rebuild_index(data: Path, passphrase: str | None = None) -> dict:
     """Throw the index away and rebuild it from packs and point files. Tokens are carried over when the
     old index still opens; open sessions are lost (collectors start new ones)."""
     read_descriptor(data)
@@ -211,7 +249,7 @@ def rebuild_index(data: Path) -> dict:
         except Exception:  # an unreadable index is exactly what this repairs
             tokens = []
         shutil.move(index_dir, data / f"index.broken-{int(time.time())}")
-    repo = Repository(data)
+    repo = Repository(data, passphrase=passphrase)
     try:
         batch = repo.index.batch()
         for key, value in tokens:

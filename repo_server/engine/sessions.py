@@ -200,7 +200,7 @@ class SessionStore:
         if len(body) % DIGEST_LEN or not 0 < len(body) // DIGEST_LEN <= MAX_MISSING_QUERY:
             raise Invalid(f"the body must be 1..{MAX_MISSING_QUERY} digests of 32 bytes; got {len(body)} bytes",
                           "bad_body")
-        digests = [body[i : i + DIGEST_LEN] for i in range(0, len(body), DIGEST_LEN)]
+        digests = manifest.split_page(self.repo.keyring.ids(body))  # chunk ids, as stored
         barrier = self.repo.barrier
         bitmap = bytearray((len(digests) + 7) // 8)
         # The answer "present" is a promise the chunk stays until the session ends: record it (pins,
@@ -227,7 +227,9 @@ class SessionStore:
 
     def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
         self.open_header(sid)
-        self.pin(sid, (c.digest for c in chunks))
+        ids = self.repo.chunk_ids([c.digest for c in chunks])
+        chunks = [NewChunk(i, c.flags, c.raw_len, c.stored) for i, c in zip(ids, chunks, strict=True)]
+        self.pin(sid, ids)
         result = self.repo.chunks.put(chunks)
         stored = set(result.stored_digests)
         new_raw = sum(c.raw_len for c in chunks if c.digest in stored)
@@ -262,9 +264,11 @@ class SessionStore:
         self._add_stats(sid, mapped_chunks=count)
         return count
 
-    @staticmethod
-    def _records(body: bytes, first: int, stop: int) -> list[tuple[int, bytes]]:
-        return [MAP_RECORD.unpack_from(body, i * MAP_RECORD.size) for i in range(first, stop)]
+    def _records(self, body: bytes, first: int, stop: int) -> list[tuple[int, bytes]]:
+        """Map records [first, stop) with their digests turned into chunk ids."""
+        records = [MAP_RECORD.unpack_from(body, i * MAP_RECORD.size) for i in range(first, stop)]
+        ids = self.repo.chunk_ids([d for _, d in records])
+        return [(index, i) for (index, _), i in zip(records, ids, strict=True)]
 
     def _check_slice(self, disk: dict, records: list[tuple[int, bytes]]) -> None:
         """Each index inside the disk; each digest ZERO or present with exactly its index's length."""
@@ -281,11 +285,11 @@ class SessionStore:
                 continue
             have = raw_len[d]
             if have is None:
-                raise Invalid(f"chunk {d.hex()} (index {index}) is not in the repository: upload it first",
+                raise Invalid(f"the chunk mapped at index {index} is not in the repository: upload it first",
                               "unknown_chunk")
             expected = manifest.chunk_length(index, size, chunk_size)
             if have != expected:
-                raise Invalid(f"chunk {d.hex()} holds {have} bytes but index {index} of disk "
+                raise Invalid(f"the chunk mapped at index {index} holds {have} bytes but that index of disk "
                               f"{disk_id} covers {expected}", "bad_length")
 
     def _disk(self, header: dict, disk_id: str) -> tuple[int, dict]:
@@ -344,6 +348,7 @@ class SessionStore:
                 result = manifest.assemble(
                     base_root=base_root, base_size=base["size"], base_allocated=base["allocated_chunks"],
                     size=disk["size"], chunk_size=chunk_size, changes=changes, load=load,
+                    page_id=lambda data: repo.chunk_ids([digest(data)])[0],
                 )
                 repo.store_pages(result.new_pages, pin=functools.partial(self.pin, sid))
                 disks.append(disk | {"rct": rct.get(disk["disk_id"], disk["rct"]),

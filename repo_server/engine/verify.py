@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from chunkyard.wire import ZERO
 
 from .chunk_store import PACK_KEY
-from .codec import CodecError, decode_verified
+from .codec import CodecError
 from .errors import Corrupt, Invalid
 from .index import Location
 from .manifest import split_page
@@ -101,7 +101,7 @@ class Verifier:
         self.stats.chunks_checked += 1
         self.stats.bytes_checked += loc.record.raw_len
         try:
-            decode_verified(loc.record.codec, loc.record.raw_len, stored, loc.record.digest)
+            self.repo.chunks.decode(loc.record, stored)
         except CodecError as e:
             self._quarantine(loc, str(e))
 
@@ -167,7 +167,7 @@ class Verifier:
             stored = reader.read_stored(loc)
             self.stats.chunks_checked += 1
             self.stats.bytes_checked += loc.record.raw_len
-            return decode_verified(loc.record.codec, loc.record.raw_len, stored, digest)
+            return self.repo.chunks.decode(loc.record, stored)
         except (Corrupt, CodecError) as e:
             self._quarantine(loc, str(e))
             return None
