@@ -15,7 +15,7 @@ from chunkyard.wire import Client
 from .pipeline import Options, Result, run_backup
 from .sources import Source, SourceError
 
-SOURCES = "lab:DIR | file:PATH | blockdev:DEV"
+SOURCES = "lab:DIR | file:PATH | blockdev:DEV | hyperv:CONFIG.toml"
 
 
 def open_source(spec: str, vm: str) -> Source:
@@ -30,6 +30,10 @@ def open_source(spec: str, vm: str) -> Source:
         from .sources.file import FileSource
 
         return FileSource(Path(target), vm, block_device=kind == "blockdev")
+    if kind == "hyperv":
+        from .sources.hyperv import HyperVSource, load_config
+
+        return HyperVSource(load_config(Path(target)))
     raise SourceError(f"unknown source kind {kind!r}: use {SOURCES}")
 
 
