@@ -238,8 +238,12 @@ class Client:
         resp = await self._request("DELETE", f"/points/{point_id}")
         resp.release()
 
-    async def disk_map(self, point_id: str, disk_id: str) -> bytes:
-        resp = await self._request("GET", f"/points/{point_id}/disks/{disk_id}/map")
+    async def disk_map(self, point_id: str, disk_id: str, first: int = 0, stop: int | None = None) -> bytes:
+        """Digests of chunks [first, stop) of a point's disk (all of them by default)."""
+        headers = {}
+        if first or stop is not None:
+            headers["Range"] = f"bytes={first * DIGEST_LEN}-{'' if stop is None else stop * DIGEST_LEN - 1}"
+        resp = await self._request("GET", f"/points/{point_id}/disks/{disk_id}/map", headers=headers)
         async with resp:
             return await resp.read()
 

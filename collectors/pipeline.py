@@ -27,7 +27,7 @@ import zstandard
 
 from chunkyard.progress import Progress
 from chunkyard.units import format_size
-from chunkyard.wire import ZERO, ApiError, Client, Frame, bitmap_get, digest, is_zero
+from chunkyard.wire import DIGEST_LEN, ZERO, ApiError, Client, Frame, bitmap_get, digest, is_zero
 
 from .sources import Backup, DiskInfo, DiskReader, Range
 
@@ -99,7 +99,7 @@ class DiskPipeline:
         self.client, self.sid, self.disk, self.reader = client, sid, disk, reader
         self.cs, self.options, self.pool, self.progress, self.totals = chunk_size, options, pool, progress, totals
         self.local = _Local()
-        self.base_map: bytes | None = None
+        self.base_map: BaseMap | None = None
         self.map_all = True
         self.seen: set[bytes] = set()  # digests already sent or known present in this run
         self.map_buffer: list[tuple[int, bytes]] = []
@@ -159,8 +159,7 @@ class DiskPipeline:
                 result.read_bytes += length
                 self.progress.update(length)
                 if self.base_map is not None:
-                    base = self.base_map[index * 32 : index * 32 + 32]
-                    if base == d:
+                    if await self.base_map.digest(index) == d:
                         result.unchanged_chunks += 1
                         continue
                 elif d == ZERO and not self.map_all:
@@ -286,7 +285,8 @@ async def run_backup(client: Client, backup: Backup, *, options: Options | None 
                 result = DiskResult(disk.disk_id, plan)
                 pipe = DiskPipeline(client, sid, disk, reader, cs, options, pool, progress, totals)
                 if plan == "compare":
-                    pipe.base_map = await client.disk_map(session["base_point"], disk.disk_id)
+                    base_chunks = -(-base_disks[disk.disk_id]["size"] // cs)
+                    pipe.base_map = BaseMap(client, session["base_point"], disk.disk_id, base_chunks)
                     await _unmap_dropped(pipe, spans)
                 pipe.map_all = plan != "full"
                 await pipe.run(spans, result)
@@ -309,13 +309,36 @@ async def run_backup(client: Client, backup: Backup, *, options: Options | None 
                   totals["sent_bytes"], totals["uploaded_chunks"], results, committed["stats"], resumed)
 
 
+class BaseMap:
+    """The base point's digest map, fetched in windows by Range as the disk is read in index order:
+    memory stays at one window (2 MiB) whatever the disk size."""
+
+    WINDOW = 65536
+
+    def __init__(self, client: Client, point_id: str, disk_id: str, chunks: int):
+        self.client, self.point_id, self.disk_id, self.chunks = client, point_id, disk_id, chunks
+        self.first, self.data = 0, b""
+
+    async def digest(self, index: int) -> bytes | None:
+        """The base's digest at `index`; None beyond the base disk's end (it grew)."""
+        if index >= self.chunks:
+            return None
+        if not self.first <= index < self.first + len(self.data) // DIGEST_LEN:
+            self.first = index - index % self.WINDOW
+            stop = min(self.chunks, self.first + self.WINDOW)
+            self.data = await self.client.disk_map(self.point_id, self.disk_id, self.first, stop)
+        offset = (index - self.first) * DIGEST_LEN
+        return self.data[offset : offset + DIGEST_LEN]
+
+
 async def _unmap_dropped(pipe: DiskPipeline, spans: list[tuple[int, int]]) -> None:
     """Compare plan: chunks the base holds but the disk no longer allocates (trimmed) become ZERO."""
-    base_map = pipe.base_map or b""
-    covered = bytearray(len(base_map) // 32)
+    base = pipe.base_map
+    assert base is not None
+    chunks = min(base.chunks, -(-pipe.disk.size // pipe.cs))
+    covered = bytearray(chunks)  # one byte per chunk: 64 MiB for a 64 TiB disk
     for first, stop in spans:
-        covered[first:stop] = b"\x01" * (stop - first)
-    chunks = min(len(covered), -(-pipe.disk.size // pipe.cs))
+        covered[first:stop] = b"\x01" * (max(0, min(stop, chunks) - first))
     for index in range(chunks):
-        if not covered[index] and base_map[index * 32 : index * 32 + 32] != ZERO:
+        if not covered[index] and await base.digest(index) != ZERO:
             pipe.map_buffer.append((index, ZERO))

@@ -72,6 +72,7 @@ async def test_two_disks_sparse_map_and_abort(collector: Client, admin: Client) 
     digests = await admin.disk_map(point["point_id"], "data")
     assert len(digests) == 32 * 41
     assert digests[:32] == bytes(32) and digests[32:64] != bytes(32)
+    assert await admin.disk_map(point["point_id"], "data", 16, 41) == digests[16 * 32 :]  # a window, by Range
     assert (await admin.point(point["point_id"]))["disks"][1]["allocated_chunks"] == 4
 
 

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Iterator
 from aiohttp import web
 
 from chunkyard.vdisk import Piece, VhdxLayout
-from chunkyard.wire import ZERO
+from chunkyard.wire import DIGEST_LEN, ZERO
 from repo_server.engine import Corrupt, Repository
-from repo_server.engine.manifest import PAGE_ENTRIES, chunk_length
+from repo_server.engine.manifest import PAGE_BYTES, PAGE_ENTRIES, chunk_length
 from repo_server.engine.points import public
 from repo_server.engine.restore import DiskImage, find_disk
 from repo_server.engine.verify import verify_status
@@ -64,16 +64,30 @@ async def get_map(request: web.Request) -> web.StreamResponse:
     if token.role == "collector" and point["token_id"] != token.id:
         raise ApiError(403, "forbidden", "collectors may read only the maps of points they created")
     image = DiskImage(repo, point, request.match_info["disk_id"])
-    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "ETag": image.etag})
-    resp.content_length = image.chunks * 32
+    size, etag = image.chunks * DIGEST_LEN, f'"{point["point_id"]}.{image.disk["disk_id"]}.map"'
+    try:
+        span = parse_range(request, size, etag)  # collectors page through huge maps with bounded memory
+    except ApiError:
+        image.close()
+        raise
+    start, stop = span or (0, size)
+    resp = web.StreamResponse(status=206 if span else 200, headers={
+        "Content-Type": "application/octet-stream", "ETag": etag, "Accept-Ranges": "bytes"})
+    if span:
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    resp.content_length = stop - start
     await resp.prepare(request)
     if request.method == "HEAD":
         image.close()
         return resp
     request[STREAMING] = True
     try:
-        for page in range(len(image.root)):
-            await resp.write(repo.keyring.digests(b"".join(await run(request, image.page, page))))
+        first, last = start // PAGE_BYTES, (stop - 1) // PAGE_BYTES
+        for page in range(first, last + 1):
+            data = repo.keyring.digests(b"".join(await run(request, image.page, page)))
+            lo = start - page * PAGE_BYTES if page == first else 0
+            hi = stop - page * PAGE_BYTES if page == last else len(data)
+            await resp.write(data[lo:hi])
     finally:
         image.close()
     await resp.write_eof()

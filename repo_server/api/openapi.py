@@ -65,8 +65,8 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
                    None, 204, None),
     },
     "/points/{pid}/disks/{disk_id}/map": {"get": (
-        "The n chunk digests of the disk (collectors compare against it when change tracking is unavailable; "
-        "a collector token may read only points it created)", ["admin", "reader", "collector"], None, 200, OCTET)},
+        "The n chunk digests of the disk, 32 bytes each; one `Range` for a window (collectors page through it when "
+        "change tracking is unavailable; a collector token may read only points it created)", ["admin", "reader", "collector"], None, 200, OCTET)},
     "/points/{pid}/disks/{disk_id}/raw": {"get": (
         "The raw disk image, streamed and verified chunk by chunk. One `Range` (206; 416 with "
         "`Content-Range: bytes */size` for malformed, reversed, multi or unsatisfiable ranges), `ETag`, "
@@ -114,6 +114,13 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     "/jobs/{job_id}": {"get": ("A job's state, phase, progress (done/total) and result", ["admin", "reader"], None,
                                200, JSON_OBJ)},
     "/points/{pid}/blobs/{name}": {"get": ("A stored configuration file", ["admin", "reader"], None, 200, OCTET)},
+    "/tiers": {"get": (
+        "Cloud tiers ([[tier]] in the server configuration) and their lag: per tier its state, the packs, bytes, "
+        "points and files not yet copied, deletions waiting for a retention date, counters, the last error, and "
+        "synced_at (everything local at that time is in the tier)", ["admin", "reader"], None, 200, JSON_OBJ)},
+    "/tiers/sync": {"post": (
+        "Start a sync cycle of every tier now. Answers 202 with `requested`; a tier has caught up with this "
+        "request once its synced_at ≥ requested.", ["admin"], None, 202, JSON_OBJ)},
 }
 
 SCHEMAS = {
