@@ -66,7 +66,8 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     },
     "/points/{pid}/disks/{disk_id}/map": {"get": (
         "The n chunk digests of the disk, 32 bytes each; one `Range` for a window (collectors page through it when "
-        "change tracking is unavailable; a collector token may read only points it created)", ["admin", "reader", "collector"], None, 200, OCTET)},
+        "change tracking is unavailable; a collector token may read only points it created)",
+        ["admin", "reader", "collector"], None, 200, OCTET)},
     "/points/{pid}/disks/{disk_id}/raw": {"get": (
         "The raw disk image, streamed and verified chunk by chunk. One `Range` (206; 416 with "
         "`Content-Range: bytes */size` for malformed, reversed, multi or unsatisfiable ranges), `ETag`, "
