@@ -50,6 +50,7 @@ def summary(result: Result) -> str:
         f"  changed   {format_size(s.get('changed_bytes', 0))}",
         f"  new       {format_size(new)} (data the repository did not have; the rest deduplicated)",
         f"  sent      {format_size(sent)}" + (f" (compression {new / sent:.2f}x)" if sent else ""),
+        *(f"  {key.replace('_', ' ')}: {value}" for key, value in result.source_report.items()),
     ])
 
 

@@ -71,6 +71,7 @@ class Result:
     disks: list[DiskResult] = field(default_factory=list)
     server_stats: dict = field(default_factory=dict)
     resumed_session: bool = False
+    source_report: dict = field(default_factory=dict)
 
 
 def chunk_spans(ranges: Iterable[Range], size: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -306,7 +307,8 @@ async def run_backup(client: Client, backup: Backup, *, options: Options | None 
     progress.label = f"{backup.vm.name}: read (sent {format_size(totals['sent_bytes'])})"
     progress.close()
     return Result(committed["point_id"], backup.vm.name, time.monotonic() - started, read_bytes,
-                  totals["sent_bytes"], totals["uploaded_chunks"], results, committed["stats"], resumed)
+                  totals["sent_bytes"], totals["uploaded_chunks"], results, committed["stats"], resumed,
+                  backup.report())
 
 
 class BaseMap:

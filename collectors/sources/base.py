@@ -78,6 +78,11 @@ class Backup(ABC):
         """Release the checkpoint. committed=True: the server holds the point, older references may go;
         False: roll back so the next backup asks for changes since the last committed id."""
 
+    def report(self) -> dict[str, object]:
+        """What an admin should see about this backup beyond the numbers (fallback reasons, warnings,
+        consistency notes); empty when there is nothing to say."""
+        return {}
+
     def end(self, committed: bool) -> None:
         """Release once; later calls (e.g. the context exit after a successful end) do nothing."""
         if not getattr(self, "_ended", False):

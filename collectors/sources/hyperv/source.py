@@ -84,6 +84,12 @@ def _version(text: str) -> tuple[int, ...]:
 class HyperVBackup(Backup):
     """One backup of one VM on the host. Created by HyperVSource.begin()."""
 
+    def report(self) -> dict[str, object]:
+        notes = {"consistency_notes": list(self.consistency_notes),
+                 "full_reads": {d: r for d, r in self.fallback_reason.items() if r},
+                 "warnings": self.warnings, "cleanup_errors": self.cleanup_errors}
+        return {k: v for k, v in notes.items() if v}
+
     def __init__(self, config: HyperVConfig, host: HyperVHost, files: HostFiles, vm: HostVm):
         self.config = config
         self.host = host
