@@ -530,12 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from collectors.backup_cli import add_backup_parser
     from collectors.lab_cli import add_lab_parser
+    from tiering.cli import add_tier_parser
 
     from .key_cli import add_key_parser
 
     add_backup_parser(sub, client_args, _client)
     add_lab_parser(sub)
     add_key_parser(sub, passphrase_for)
+    add_tier_parser(sub, client_args, _call)
 
     p = sub.add_parser("gc", help="garbage-collect chunks no point needs and compact packs (backups go on)")
     p.add_argument("--compact-below", type=float, default=0.5, metavar="FRACTION",
@@ -563,11 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from collectors.sources import SourceError
     from repo_server.engine import EngineError
+    from tiering.cli import TierCommandError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ConfigError, ValueError, EngineError, SourceError) as e:
+    except (UserError, ConfigError, ValueError, EngineError, SourceError, TierCommandError) as e:
         print(f"chunkyard: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

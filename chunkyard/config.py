@@ -24,6 +24,7 @@ class ServerConfig:
     session_idle_hours: float = 24.0
     keep_closed_sessions_days: float = 7.0
     housekeeping_seconds: float = 60.0
+    tiers: tuple[dict[str, Any], ...] = ()  # the [[tier]] tables, checked by tiering.config (docs/tiering.md)
 
     @property
     def host(self) -> str:
@@ -59,9 +60,12 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         table = raw.get("server", {})
-        if not isinstance(table, dict) or set(raw) - {"server"}:
-            raise ConfigError(f"{path}: expected only a [server] table; found {sorted(raw)}")
-        known = {f.name: f.type for f in fields(ServerConfig)}
+        if not isinstance(table, dict) or set(raw) - {"server", "tier"}:
+            raise ConfigError(f"{path}: expected only a [server] table and [[tier]] tables; found {sorted(raw)}")
+        tiers = raw.get("tier", [])
+        if not isinstance(tiers, list) or not all(isinstance(t, dict) for t in tiers):
+            raise ConfigError(f"{path}: cloud tiers are [[tier]] tables (see docs/tiering.md)")
+        known = {f.name: f.type for f in fields(ServerConfig) if f.name != "tiers"}
         values: dict[str, Any] = {}
         for key, value in table.items():
             if key not in known:
@@ -74,5 +78,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             elif isinstance(default, bool) or type(value) not in (type(default), int):
                 raise ConfigError(f"{path}: server.{key} must be {type(default).__name__}; got {value!r}")
             values[key] = value
-        config = replace(config, **values)
+        config = replace(config, **values, tiers=tuple(tiers))
     return _check(config.with_overrides(**overrides))

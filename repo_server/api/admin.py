@@ -1,4 +1,4 @@
-"""Service endpoints: health, repository stats, tokens, metrics, the OpenAPI description."""
+"""Service endpoints: health, repository stats, tokens, metrics, cloud tiers, the OpenAPI description."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import time
 from aiohttp import web
 
 from chunkyard import __version__
+from tiering.sync import TierSync
 
 from .common import METRICS, REPO, ApiError, public, read_json, roles, run
 from .openapi import openapi_document
+
+TIERS = web.AppKey("tiers", TierSync)  # the cloud tiers' uploaders, started with the app (app.py)
 
 
 @public
@@ -77,7 +80,21 @@ async def metrics(request: web.Request) -> web.Response:
               "# TYPE chunkyard_http_body_bytes_total counter",
               f'chunkyard_http_body_bytes_total{{direction="in"}} {m.bytes_in}',
               f'chunkyard_http_body_bytes_total{{direction="out"}} {m.bytes_out}']
+    lines += request.app[TIERS].metrics_lines()
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+@roles("admin", "reader")
+async def tiers(request: web.Request) -> web.Response:
+    return web.json_response({"tiers": request.app[TIERS].status()})
+
+
+@roles("admin")
+async def sync_tiers(request: web.Request) -> web.Response:
+    """Start a sync cycle now; a tier is caught up with this request once its synced_at ≥ requested."""
+    requested = time.time()
+    request.app[TIERS].wake()
+    return web.json_response({"requested": requested, "tiers": request.app[TIERS].status()}, status=202)
 
 
 def add_routes(app: web.Application) -> None:
@@ -89,3 +106,5 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/tokens", create_token)
     r.add_get("/api/v1/tokens", list_tokens)
     r.add_delete("/api/v1/tokens/{token_id}", revoke_token)
+    r.add_get("/api/v1/tiers", tiers)
+    r.add_post("/api/v1/tiers/sync", sync_tiers)

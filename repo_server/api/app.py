@@ -13,8 +13,11 @@ from aiohttp import web
 
 from chunkyard.config import ServerConfig
 from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
+from tiering.config import parse_tiers
+from tiering.sync import TierSync
 
 from . import admin, catalog, jobs, retention, sessions
+from .admin import TIERS
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
@@ -88,6 +91,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=1 << 20)
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[TIERS] = TierSync(parse_tiers(config.tiers))  # a bad [[tier]] table fails here, before serving
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="chunkyard")
@@ -96,11 +100,13 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
             config.data, pack_size=config.pack_size_mib << 20, cache_bytes=config.index_cache_mib << 20,
             passphrase=passphrase))
         app[REPO] = opened
+        app[TIERS].start(opened)  # uploader threads, never the event loop
         housekeeping = asyncio.create_task(_housekeeping(app))
         yield
         housekeeping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await housekeeping
+        await asyncio.get_running_loop().run_in_executor(None, app[TIERS].stop)  # before the repository closes
         pool.shutdown(wait=True)
         if repo is None:
             opened.close()

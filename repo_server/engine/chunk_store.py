@@ -325,6 +325,21 @@ class ChunkStore:
         writer = self._writer
         return writer.pack_id if writer is not None else None
 
+    def seal_open_pack(self) -> int | None:
+        """Seal the open pack now if it holds records, so that every chunk stored so far lies in an
+        immutable pack (the cloud tier uploads only sealed packs, and a point only after the packs it
+        needs). Returns the sealed pack's id, or None when there was nothing to seal. Under the write
+        lock, so no flush or relocation is half-way through the pack."""
+        with self._write_lock:
+            writer = self._writer
+            if writer is None or not writer.records:
+                return None
+            writer.seal()
+            writer.close()
+            self._writer = None
+            self._put_state_now(writer)
+            return writer.pack_id
+
     def delete_pack(self, pack_id: int) -> int:
         """Remove a pack no index entry points to."""
         path = pack_path(self.root, pack_id)

@@ -1,0 +1,61 @@
+"""`[[tier]]` tables in the server's TOML file and the URLs `tier attach` takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chunkyard.config import ConfigError, load_config
+from tiering.config import parse_tiers, tier_from_url
+
+
+def test_tiers_in_the_server_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('[server]\nworkers = 2\n\n[[tier]]\nkind = "s3"\nbucket = "dr"\nprefix = "site-a"\n'
+                    'immutable_days = 30\n\n[[tier]]\nname = "blob"\nkind = "azure"\ncontainer = "dr"\n'
+                    "interval_seconds = 5\n")
+    config = load_config(path)
+    s3, azure = parse_tiers(config.tiers)
+    assert (s3.name, s3.bucket, s3.prefix, s3.immutable_days, s3.mode) == ("s3", "dr", "site-a", 30, "copy")
+    assert (azure.name, azure.bucket, azure.interval_seconds) == ("blob", "dr", 5)
+    assert s3.url == "s3://dr/site-a"
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"kind": "gcs", "bucket": "b"}, "kind must be one of"),
+    ({"kind": "s3"}, "bucket is required"),
+    ({"kind": "azure", "bucket": "b"}, "unknown setting bucket"),  # Azure calls it a container
+    ({"kind": "s3", "bucket": "b", "imutable_days": 3}, "unknown setting imutable_days"),
+    ({"kind": "s3", "bucket": "b", "mode": "move"}, "move mode is not implemented"),
+    ({"kind": "s3", "bucket": "b", "immutable_days": "30"}, "immutable_days must be int"),
+    ({"kind": "s3", "bucket": "b", "path_style": 1}, "path_style must be bool"),
+    ({"kind": "s3", "bucket": "b", "lock_mode": "strict"}, "lock_mode must be one of"),
+    ({"kind": "s3", "bucket": "b", "part_size_mib": 1}, "part_size_mib"),
+    ({"kind": "s3", "bucket": "b", "name": "Off Site"}, "name must be"),
+])
+def test_bad_tier_tables_are_refused(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_tiers([table])
+
+
+def test_tier_names_are_unique() -> None:
+    with pytest.raises(ConfigError, match="two tiers are named 's3'"):
+        parse_tiers([{"kind": "s3", "bucket": "a"}, {"kind": "s3", "bucket": "b"}])
+
+
+def test_tier_must_be_an_array_of_tables(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('tier = "s3://x"\n')
+    with pytest.raises(ConfigError, match=r"\[\[tier\]\] tables"):
+        load_config(path)
+
+
+def test_attach_urls() -> None:
+    tier = tier_from_url("s3://bucket/some/prefix", endpoint="http://x", path_style=True)
+    assert (tier.kind, tier.bucket, tier.prefix, tier.endpoint, tier.path_style) == ("s3", "bucket", "some/prefix",
+                                                                                   "http://x", True)
+    assert tier_from_url("azure://container").prefix == ""
+    for bad in ("bucket/prefix", "ftp://x/y", "s3:///prefix"):
+        with pytest.raises(ConfigError):
+            tier_from_url(bad)
