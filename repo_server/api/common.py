@@ -33,8 +33,8 @@ CONFIG = web.AppKey("config", ServerConfig)
 REPO = web.AppKey("repo", Repository)
 POOL = web.AppKey("pool", ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
-TOKEN = "chunkyard.token"  # request key: the caller's TokenInfo
-STREAMING = "chunkyard.streaming"  # request key: set once a streamed response has sent its headers
+TOKEN = web.RequestKey("token", TokenInfo)  # the caller's token
+STREAMING = web.RequestKey("streaming", bool)  # set once a streamed response has sent its headers
 
 
 class ApiError(web.HTTPException):
