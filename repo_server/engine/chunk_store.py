@@ -176,8 +176,9 @@ class ChunkStore:
                     self._flushing = False
                     break
             try:
+                present = self._present(work)  # barrier lock first, never inside the write lock
                 with self._write_lock:
-                    self._flush(work)
+                    self._flush(work, present)
             except BaseException as e:
                 for _, w in work:
                     w.error = e
@@ -188,12 +189,14 @@ class ChunkStore:
         assert waiter.result is not None
         return waiter.result
 
-    def _flush(self, work: list[tuple[list[NewChunk], _Waiter]]) -> None:
+    def _present(self, work: list[tuple[list[NewChunk], _Waiter]]) -> set[bytes]:
         all_digests = list({c.digest for chunks, _ in work for c in chunks})
         with self.barrier.lock:  # a duplicate must not be swept after we said it is stored
             found = self.index.multi_get("chunks", all_digests)
             self.barrier.touch(all_digests)
-        present = {d for d, v in zip(all_digests, found, strict=True) if v is not None}
+        return {d for d, v in zip(all_digests, found, strict=True) if v is not None}
+
+    def _flush(self, work: list[tuple[list[NewChunk], _Waiter]], present: set[bytes]) -> None:
         written: dict[bytes, tuple[int, Record]] = {}
         results = []
         touched_packs: dict[int, PackWriter] = {}

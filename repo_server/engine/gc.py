@@ -180,6 +180,8 @@ class GarbageCollector:
             self.stats.swept_bytes += sum(loc.record.stored_len + RECORD_HEADER.size for loc in dead)
 
         total = self.repo.chunks.chunk_count
+        # Packs from here on get records the scan below never sees: compaction must leave them alone.
+        self.first_unscanned_pack = self.repo.chunks.open_pack_id() or self.index.counter("next_pack_id")
         with self.repo.chunks.reader() as reader:
             for item in self.index.scan("chunks"):
                 batch.append(item)
@@ -200,7 +202,7 @@ class GarbageCollector:
         open_pack = chunks.open_pack_id()
         for done, (pack_id, state) in enumerate(packs, 1):
             self.progress("compact", done, len(packs))
-            if pack_id == open_pack or state["state"] != "sealed":
+            if pack_id == open_pack or state["state"] != "sealed" or pack_id >= self.first_unscanned_pack:
                 continue
             used = live.get(pack_id, 0)
             if used == 0:
