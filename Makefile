@@ -32,8 +32,18 @@ test: $(VENV)/.test-deps system-deps
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 
+# bench: the storage engine, then the fleet suite at scale small (3 runs, about 30 min; see benchmarks/RESULTS.md).
+# bench-smoke: the fleet suite at scale smoke for CI (under 3 min); fails only when something breaks, not on a
+# missed target.
 bench: $(BIN)/chunkyard
+	bash benchmarks/install-peers.sh
 	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.suite --scale small
+
+.PHONY: bench-smoke
+bench-smoke: $(BIN)/chunkyard
+	bash benchmarks/install-peers.sh
+	$(BIN)/python -m benchmarks.suite --scale smoke
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -21,11 +21,13 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -116,9 +118,53 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A finished command: wall time, its peak RSS and CPU time as GNU time reports them, and its output."""
+
+    seconds: float
+    max_rss: int
+    """Peak resident memory in bytes (the process's VmHWM)."""
+    cpu_s: float
+    stdout: str
+
+
+TIME = "/usr/bin/time"
+
+
+def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
+    """Run a command to its end under GNU time, which reports its peak memory exactly (no sampling).
+
+    Not wait4() from here: Python starts children with vfork, and exec records the parent's high-water mark
+    in the child's ru_maxrss, so a child of a 400 MiB benchmark would show 400 MiB. GNU time forks afresh.
+    Raises with the command's stderr on failure.
+    """
+    with tempfile.NamedTemporaryFile("r") as report, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        code = subprocess.run([TIME, "-f", "%M %U %S", "-o", report.name, *cmd], cwd=cwd, env=env, stdout=out,
+                              stderr=err).returncode
+        seconds = elapsed(start)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        if code:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {code}: {stderr.strip()[-2000:]}")
+        rss_kib, user, system = report.read().split()[-3:]
+    return Measured(seconds, int(rss_kib) * 1024, float(user) + float(system), stdout)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a file or directory tree takes on disk (allocated blocks, as `du` counts them)."""
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    return sum(Path(d, f).lstat().st_blocks * 512 for d, _, files in os.walk(path) for f in files)
+
+
 # ------------------------------------------------------------------------------------------ test data
 
-def _files(root: Path) -> Iterator[Path]:
+def walk_files(root: Path) -> Iterator[Path]:
+    """Regular files under root (no symlinks), in sorted order, so equal machines give equal data sets."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -138,7 +184,7 @@ def file_corpus(size: int, roots: Sequence[Path] | None = None, max_file: int = 
     """
     roots = roots or (Path(sys.base_prefix) / "lib", Path("/usr/bin"), Path("/usr/share/man"),
                       Path("/usr/share/doc"))
-    walkers = [_files(r) for r in roots if r.is_dir()]
+    walkers = [walk_files(r) for r in roots if r.is_dir()]
     out = bytearray()
     while walkers and len(out) < size:
         for walker in list(walkers):
@@ -244,14 +290,33 @@ class DiskRates:
     """Sequential write, MiB/s, with an fdatasync every 32 MiB (how a pack is group-committed)."""
     fdatasync_ms: float
     """Median latency of appending 4 KiB and fdatasync: the floor of any durable small write."""
+    read: float | None = None
+    """Sequential read of the probe file after its pages were dropped from the page cache, MiB/s."""
+    cached_read: float | None = None
+    """Sequential read of the same file from the page cache, MiB/s: where a backup of a warm disk reads."""
+
+
+def _read_rate(fd: int, size: int, block: int) -> float:
+    start = time.perf_counter()
+    offset = 0
+    while offset < size:
+        n = len(os.pread(fd, block, offset))
+        if not n:
+            break
+        offset += n
+    return offset / MiB / elapsed(start)
 
 
 def disk_rates(directory: Path, size: int = 256 * MiB, sync_every: int = 32 * MiB, block: int = 4 * MiB,
                small_syncs: int = 50) -> DiskRates:
-    """Probe the filesystem that holds `directory` with a temporary file (removed afterwards)."""
+    """Probe the filesystem that holds `directory` with a temporary file (removed afterwards).
+
+    The cold read drops only the probe file's own pages (POSIX_FADV_DONTNEED after its data is synced), so
+    the probe never evicts anyone else's cache.
+    """
     path = directory / f".bench-disk-probe-{os.getpid()}"
     buf = os.urandom(block)  # random, so a compressing filesystem cannot flatter the number
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         start = time.perf_counter()
         written = 0
@@ -261,6 +326,9 @@ def disk_rates(directory: Path, size: int = 256 * MiB, sync_every: int = 32 * Mi
                 os.fdatasync(fd)
         os.fdatasync(fd)
         write = written / MiB / elapsed(start)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        read = _read_rate(fd, written, block)
+        cached_read = _read_rate(fd, written, block)
         small = os.urandom(FS_BLOCK)
         latencies = []
         for _ in range(small_syncs):
@@ -271,7 +339,41 @@ def disk_rates(directory: Path, size: int = 256 * MiB, sync_every: int = 32 * Mi
     finally:
         os.close(fd)
         path.unlink()
-    return DiskRates(write, statistics.median(latencies) * 1000)
+    return DiskRates(write, statistics.median(latencies) * 1000, read, cached_read)
+
+
+def threaded_codec_rates(chunks: Sequence[bytes], threads: int, level: int = 1) -> CodecRates:
+    """zstd and BLAKE3 rates of `threads` threads, each through its own share of the non-zero chunks, in MiB/s.
+
+    Both libraries release the GIL, so this is what `threads` cores give a pipeline that works chunk by chunk in a
+    thread pool, as the collector and the server do; with threads=1 it is `measure_codecs` without the frames.
+    """
+    data = [c for c in chunks if not is_zero(c)]
+    parts = [data[i::threads] for i in range(threads)]
+    raw = sum(map(len, data)) / MiB
+
+    def compress(part: list[bytes]) -> list[bytes]:
+        cctx = zstandard.ZstdCompressor(level=level)
+        return [cctx.compress(c) for c in part]
+
+    def decompress(part: list[bytes]) -> int:
+        dctx = zstandard.ZstdDecompressor()
+        return sum(len(dctx.decompress(p)) for p in part)
+
+    def hash_all(part: list[bytes]) -> int:
+        return len([blake3.blake3(c).digest() for c in part])
+
+    with ThreadPoolExecutor(threads) as pool:
+        def timed(fn: Callable[[list], object], work: list[list]) -> tuple[float, list]:
+            start = time.perf_counter()
+            out = list(pool.map(fn, work))
+            return elapsed(start), out
+
+        t_compress, packed = timed(compress, parts)
+        t_decompress, _ = timed(decompress, packed)
+        t_blake3, _ = timed(hash_all, parts)
+    stored = sum(len(p) for part in packed for p in part)
+    return CodecRates(raw / t_compress, raw / t_decompress, raw / t_blake3, raw * MiB / stored)
 
 
 def rocksdb_multiget_rate(directory: Path, keys: int = 262_144, batch: int = 65_536, rounds: int = 4) -> float:
@@ -439,6 +541,49 @@ async def _loopback(url: str, size: int, body_size: int, parallel: int) -> Loopb
     return LoopbackRates(upload, upload_one_write, download)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The machine limits a fleet benchmark stands beside, measured in its own run on the fleet's own data."""
+
+    one: CodecRates
+    """zstd-1 and BLAKE3 on one thread."""
+    all: CodecRates
+    """The same with one thread per core."""
+    threads: int
+    disk: DiskRates
+    net: LoopbackRates
+    sample_bytes: int
+
+    def rows(self) -> list[Row]:
+        mibs, n = "MiB/s", self.threads
+        data = f"{self.sample_bytes / MiB:.0f} MiB of fleet chunks, zstd-1 ratio {self.one.ratio:.2f}"
+        return [
+            Row("zstd-1 compress, 1 thread", self.one.compress, mibs, note=data),
+            Row(f"zstd-1 compress, {n} threads", self.all.compress, mibs),
+            Row("zstd-1 decompress, 1 thread", self.one.decompress, mibs),
+            Row(f"zstd-1 decompress, {n} threads", self.all.decompress, mibs),
+            Row("BLAKE3, 1 thread", self.one.blake3, mibs),
+            Row(f"BLAKE3, {n} threads", self.all.blake3, mibs, note="one thread per core, chunk by chunk"),
+            Row("verify = zstd-1 decompress + BLAKE3, 1 thread", self.one.verify, mibs,
+                note="a server's per-byte restore work"),
+            Row("disk write, fdatasync every 32 MiB", self.disk.write, mibs, note="work dir's filesystem"),
+            Row("disk read, cold", self.disk.read or 0.0, mibs, note="probe file's pages dropped first"),
+            Row("disk read, page cache", self.disk.cached_read or 0.0, mibs),
+            Row("loopback HTTP POST, 1 MiB writes, 4 in flight", self.net.upload, mibs, note="aiohttp → aiohttp"),
+            Row("loopback HTTP GET stream", self.net.download, mibs),
+        ]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def measure_limits(chunks: Sequence[bytes], directory: Path, *, disk_bytes: int, loopback_bytes: int) -> Limits:
+    """Codec rates on `chunks` with 1 and with all threads, the disk under `directory`, and loopback HTTP."""
+    threads = len(os.sched_getaffinity(0))
+    return Limits(threaded_codec_rates(chunks, 1), threaded_codec_rates(chunks, threads), threads,
+                  disk_rates(directory, disk_bytes), loopback_http_rates(loopback_bytes), sum(map(len, chunks)))
+
+
 # ------------------------------------------------------------------------------------------ server
 
 class ChunkyardServer:
@@ -551,6 +696,8 @@ class Row:
     higher_is_better: bool = True
     target_text: str = ""
     note: str = ""
+    spread: tuple[float, float] | None = None
+    """(min, max) over the runs when `value` is their median."""
 
     @property
     def ratio(self) -> float | None:
@@ -572,19 +719,48 @@ def _num(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def markdown_table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     """A Markdown table, aligned so it also reads well on a terminal."""
-    head = ["what", "measured", "machine limit", "ratio", "target (§7)", "pass", "note"]
-    lines = [head]
-    for r in rows:
-        verdict = {True: "PASS", False: "FAIL", None: "—"}[r.passed]
-        limit = f"{_num(r.limit)} {r.unit} ({r.limit_name})" if r.limit else (r.limit_name or "—")
-        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
-        lines.append([r.name, f"{_num(r.value)} {r.unit}", limit, ratio, r.target_text or "—", verdict, r.note])
+    lines = [list(head), *map(list, lines)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def format_table(rows: Sequence[Row], limit_head: str = "machine limit") -> str:
+    """Rows as a Markdown table; `limit_head` names what the limit column holds (a peer's number, say)."""
+    head = ["what", "measured", limit_head, "ratio", "target (§7)", "pass", "note"]
+    lines = []
+    for r in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "—"}[r.passed]
+        limit = f"{_num(r.limit)} {r.unit} ({r.limit_name})" if r.limit else (r.limit_name or "—")
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
+        measured = f"{_num(r.value)} {r.unit}"
+        if r.spread and _num(r.spread[0]) != _num(r.spread[1]):  # equal in every run: nothing to show
+            measured += f" ({_num(r.spread[0])}–{_num(r.spread[1])})"
+        lines.append([r.name, measured, limit, ratio, r.target_text or "—", verdict, r.note])
+    return markdown_table(head, lines)
+
+
+def aggregate(runs: Sequence[Sequence[Row]]) -> list[Row]:
+    """One row per name over several runs: the median value and limit, the min-max spread, and the note of the run
+    whose value is the median (with an even count, the lower middle), so a note always matches a real run."""
+    by_name: dict[str, list[Row]] = {}
+    for rows in runs:
+        for r in rows:
+            by_name.setdefault(r.name, []).append(r)
+    out = []
+    for rows in by_name.values():
+        if len(rows) == 1:
+            out.append(rows[0])
+            continue
+        middle = sorted(rows, key=lambda r: r.value)[(len(rows) - 1) // 2]
+        limits = [r.limit for r in rows if r.limit]
+        values = [r.value for r in rows]
+        out.append(replace(middle, value=statistics.median(values), spread=(min(values), max(values)),
+                           limit=statistics.median(limits) if limits else None))
+    return out
 
 
 def write_json(path: Path, payload: dict) -> None:
