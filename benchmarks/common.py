@@ -640,9 +640,15 @@ class ChunkyardServer:
         self.stop()
 
 
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of the children it has waited for (a `chunkyard restore` it ran, say)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class PhaseMeter:
-    """Wall time, CPU seconds of the server, of this process and of everything else on the machine, and
-    server memory, around each phase.
+    """Wall time, CPU seconds of the server, of this process (with the commands it ran and waited for) and of
+    everything else on the machine, and server memory, around each phase.
 
     CPU per phase says whether a slow phase saturated the cores or waited, and whether other work on the
     shared machine took cores from it; VmHWM only rises, so the memory after each phase says which phase
@@ -656,12 +662,12 @@ class PhaseMeter:
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         print(f"{name} ...", flush=True)
-        server, client, machine = process_cpu_seconds(self.pid), time.process_time(), machine_busy_seconds()
+        server, client, machine = process_cpu_seconds(self.pid), _own_cpu_seconds(), machine_busy_seconds()
         start = time.perf_counter()
         yield
         wall = elapsed(start)
         server = process_cpu_seconds(self.pid) - server
-        client = time.process_time() - client
+        client = _own_cpu_seconds() - client
         machine = machine_busy_seconds() - machine
         self.phases[name] = {"wall_s": wall, "server_cpu_s": server, "client_cpu_s": client,
                              "other_cpu_s": max(0.0, machine - server - client)} | process_memory(self.pid)

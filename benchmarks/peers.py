@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def file_digest(path: Path) -> bytes:
     return h.digest()
 
 
-class Tool:
+class Tool(ABC):
     """One backup tool with its own repository under `work`."""
 
     name = ""
@@ -62,21 +63,23 @@ class Tool:
     def run(self, *args: str, cwd: Path | None = None) -> Measured:
         return run_measured(list(args), cwd=cwd or self.work, env=self.env())
 
+    @abstractmethod
     def init(self) -> None:
-        raise NotImplementedError
+        """Create the tool's repository (and start what it needs)."""
 
+    @abstractmethod
     def backup(self, day: int) -> list[Measured]:
-        raise NotImplementedError
+        """Back up the day's images into the repository; one measurement per run of the tool."""
 
+    @abstractmethod
     def restore(self, day: int, vm: str, dest: Path) -> tuple[Measured, Path]:
         """Restore one image of the day's backup under `dest`; the measurement and the restored file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unique_bytes(self) -> int:
         """Uncompressed bytes of the distinct chunks the repository holds (dedup only, before compression)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: only some tools start a process
         """Stop what `init` started."""
 
 
