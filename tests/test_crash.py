@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,24 +15,16 @@ from tests.conftest import ServerProcess
 from tests.helpers import MiB, backup, chunks_of, make_disk, restore
 
 
-@pytest.fixture
-def srv(tmp_path: Path):
-    server = ServerProcess(tmp_path / "data")
-    server.start()
-    yield server
-    server.stop()
-
-
-async def collector_token(srv: ServerProcess) -> str:
-    async with srv.client() as admin:
+async def collector_token(server: ServerProcess) -> str:
+    async with server.client() as admin:
         return (await admin.create_token("collector", "crash test"))["token"]
 
 
-async def test_sigkill_during_uploads_then_resume(srv: ServerProcess) -> None:
+async def test_sigkill_during_uploads_then_resume(server: ServerProcess) -> None:
     """Kill while several uploads are in flight: committed points survive, the session resumes."""
-    token = await collector_token(srv)
+    token = await collector_token(server)
     base_disk = make_disk("rrrzrr", seed=1)
-    async with srv.client(token) as c:
+    async with server.client(token) as c:
         committed = await backup(c, "vm1", {"d0": base_disk})
         big = make_disk("r" * 48, seed=2)
         partial = await backup(c, "vm1", {"d0": big}, commit=False)  # opens a session, uploads, maps
@@ -50,20 +41,20 @@ async def test_sigkill_during_uploads_then_resume(srv: ServerProcess) -> None:
 
         tasks = [asyncio.create_task(pump(frames[k::3])) for k in range(3)]
         await asyncio.sleep(0.3)
-        srv.kill()
+        server.kill()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, aiohttp.ClientError | ApiError | OSError) for r in results), results
 
-    srv.start()
-    async with srv.client() as admin:
+    server.start()
+    async with server.client() as admin:
         assert await restore(admin, committed["point_id"], "d0") == base_disk
-    async with srv.client(token) as c:
+    async with server.client(token) as c:
         session = await c.json("GET", f"/sessions/{sid}")
         assert session["state"] == "open"  # the uncommitted session survived the crash and resumes
         resumed = await backup_into(c, sid, "d0", big)
         assert resumed["uploaded"] == 0  # everything acknowledged before the kill was durable
         point = await c.commit(sid)
-    async with srv.client() as admin:
+    async with server.client() as admin:
         assert await restore(admin, point["point_id"], "d0") == big
 
 
@@ -85,21 +76,21 @@ async def backup_into(c, sid: str, disk_id: str, image: bytes) -> dict:
     ("after_point_file", True),   # point file durable, index not yet written
     ("after_commit", True),       # everything written, answer not yet sent
 ])
-async def test_sigkill_at_each_commit_step(srv: ServerProcess, crash_at: str, committed: bool) -> None:
+async def test_sigkill_at_each_commit_step(server: ServerProcess, crash_at: str, committed: bool) -> None:
     """A crash between two durable steps of a commit leaves either no point or a complete one."""
-    token = await collector_token(srv)
+    token = await collector_token(server)
     first = make_disk("rrzr", seed=10)
     second = make_disk("rrrr", seed=11)
-    async with srv.client(token) as c:
+    async with server.client(token) as c:
         base = await backup(c, "vm1", {"d0": first})
-    srv.restart(env={"CHUNKYARD_CRASH_AT": crash_at})
-    async with srv.client(token) as c:
+    server.restart(env={"CHUNKYARD_CRASH_AT": crash_at})
+    async with server.client(token) as c:
         with pytest.raises((aiohttp.ClientError, ApiError)):
             await backup(c, "vm1", {"d0": second}, only={"d0": {1, 3}})
-    srv.proc.wait(10)
-    assert srv.proc.returncode == 137
-    srv.start()
-    async with srv.client() as admin:
+    server.proc.wait(10)
+    assert server.proc.returncode == 137
+    server.start()
+    async with server.client() as admin:
         points = await admin.points("vm1")
         assert await restore(admin, base["point_id"], "d0") == first
         expected = bytearray(first)
@@ -113,41 +104,41 @@ async def test_sigkill_at_each_commit_step(srv: ServerProcess, crash_at: str, co
         else:
             assert [p["point_id"] for p in points] == [base["point_id"]]
     if not committed:  # the interrupted backup simply runs again
-        async with srv.client(token) as c:
+        async with server.client(token) as c:
             again = await backup(c, "vm1", {"d0": second}, only={"d0": {1, 3}})
-        async with srv.client() as admin:
+        async with server.client() as admin:
             assert await restore(admin, again["point_id"], "d0") == bytes(expected)
 
 
-async def test_torn_pack_tail_is_cut_on_restart(srv: ServerProcess) -> None:
+async def test_torn_pack_tail_is_cut_on_restart(server: ServerProcess) -> None:
     """Garbage after the last record (a write torn by a crash) is cut; every record before it is kept."""
-    token = await collector_token(srv)
+    token = await collector_token(server)
     disk = make_disk("rrcr", seed=20)
-    async with srv.client(token) as c:
+    async with server.client(token) as c:
         point = await backup(c, "vm1", {"d0": disk})
-    srv.kill()
-    packs = sorted((srv.data / "packs").glob("*/*.pack"))
+    server.kill()
+    packs = sorted((server.data / "packs").glob("*/*.pack"))
     size = packs[-1].stat().st_size
     with open(packs[-1], "ab") as f:
         f.write(b"CYCK" + os.urandom(3000))  # a record header whose payload never made it
-    srv.start()
+    server.start()
     assert packs[-1].stat().st_size == size
-    async with srv.client() as admin:
+    async with server.client() as admin:
         assert await restore(admin, point["point_id"], "d0") == disk
-    async with srv.client(token) as c:
+    async with server.client(token) as c:
         again = await backup(c, "vm2", {"d0": disk})
         assert again["uploaded"] == 0
 
 
 @pytest.mark.parametrize("job", ["verify", "prune", "gc"])
-async def test_sigkill_during_maintenance_jobs(srv: ServerProcess, job: str) -> None:
+async def test_sigkill_during_maintenance_jobs(server: ServerProcess, job: str) -> None:
     """SIGKILL at a random moment of a verify, prune or GC job: after a restart every point still
     listed restores bit-exact, and the same job then completes."""
     import random
 
     rng = random.Random(job)
     images = {}
-    async with srv.client() as admin:
+    async with server.client() as admin:
         for n in range(6):
             img = make_disk("rrz" + "c" * (n % 3), seed=300 + n)
             point = await backup(admin, f"vm{n % 2}", {"d0": img})
@@ -159,9 +150,9 @@ async def test_sigkill_during_maintenance_jobs(srv: ServerProcess, job: str) -> 
         path, body = bodies[job]
         await admin.json("POST", path, body)
         await asyncio.sleep(rng.random() * 0.05)
-    srv.kill()
-    srv.start()
-    async with srv.client() as admin:
+    server.kill()
+    server.start()
+    async with server.client() as admin:
         listed = [p["point_id"] for vm in ("vm0", "vm1") for p in await admin.points(vm)]
         for pid in listed:
             assert await restore(admin, pid, "d0") == images[pid]

@@ -40,29 +40,21 @@ def flip_byte_of_chunk(data: Path, chunk_digest: bytes) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
-@pytest.fixture
-def srv(tmp_path: Path):
-    server = ServerProcess(tmp_path / "data")
-    server.start()
-    yield server
-    server.stop()
-
-
-async def test_bit_rot_found_quarantined_and_healed(srv: ServerProcess) -> None:
+async def test_bit_rot_found_quarantined_and_healed(server: ServerProcess) -> None:
     shared = make_disk("1", seed=5)  # one chunk shared by vm-a and vm-b
     a = make_disk("r", seed=1) + shared + make_disk("r", seed=2)
     b = shared + make_disk("rr", seed=3)
     c = make_disk("rrr", seed=4)
-    async with srv.client() as admin:
+    async with server.client() as admin:
         points = {vm: await backup(admin, vm, {"d0": img}) for vm, img in (("vm-a", a), ("vm-b", b),
                                                                             ("vm-c", c))}
         clean = await run_job(admin, "/admin/verify")
         assert clean["damaged_chunks"] == [] and clean["points_checked"] == 3
         assert clean["chunks_checked"] == 3 + 3 + 2 + 3  # each data chunk once (shared once), plus 3 pages
-    srv.stop()
-    flip_byte_of_chunk(srv.data, digest(shared))
-    srv.start()
-    async with srv.client() as admin:
+    server.stop()
+    flip_byte_of_chunk(server.data, digest(shared))
+    server.start()
+    async with server.client() as admin:
         result = await run_job(admin, "/admin/verify", mode="all")
         assert len(result["damaged_chunks"]) == 1  # the shared chunk (named by its id at rest)
         assert sorted(result["points_damaged"]) == sorted([points["vm-a"]["point_id"], points["vm-b"]["point_id"]])
@@ -77,8 +69,8 @@ async def test_bit_rot_found_quarantined_and_healed(srv: ServerProcess) -> None:
         assert again["damaged_chunks"] == [] and again["points_damaged"] == []
 
 
-async def test_new_and_sample_modes(srv: ServerProcess) -> None:
-    async with srv.client() as admin:
+async def test_new_and_sample_modes(server: ServerProcess) -> None:
+    async with server.client() as admin:
         first = await backup(admin, "vm1", {"d0": make_disk("rr", seed=1)})
         await run_job(admin, "/admin/verify", mode="all")
         second = await backup(admin, "vm2", {"d0": make_disk("rr", seed=1) + make_disk("r", seed=9)})
@@ -92,7 +84,7 @@ async def test_new_and_sample_modes(srv: ServerProcess) -> None:
             await admin.json("POST", "/admin/verify", {"mode": "everything"})
 
 
-async def test_cli_gc_verify_and_repair_check(srv: ServerProcess) -> None:
+async def test_cli_gc_verify_and_repair_check(server: ServerProcess) -> None:
     """The maintenance commands end to end: gc and verify follow their jobs; repair --check on the
     stopped repository reports damage without changing anything, and exits 1 while it is there."""
     import json
@@ -106,23 +98,23 @@ async def test_cli_gc_verify_and_repair_check(srv: ServerProcess) -> None:
                               cwd=ROOT)
 
     disk = make_disk("rrr", seed=12)
-    async with srv.client() as admin:
+    async with server.client() as admin:
         await backup(admin, "vm1", {"d0": disk})
         gone = await backup(admin, "vm2", {"d0": make_disk("rr", seed=13)})
         await admin.delete_point(gone["point_id"])
-    base = ["--server", srv.url, "--token", srv.admin_token]
+    base = ["--server", server.url, "--token", server.admin_token]
     gc = cli("gc", *base, "--json")
     assert gc.returncode == 0, gc.stderr
     assert json.loads(gc.stdout)["swept_chunks"] == 3
     verify = cli("verify", *base)
     assert verify.returncode == 0 and "Everything verified." in verify.stdout
-    srv.stop()
-    healthy = cli("repair", "--check", "--data", str(srv.data))
+    server.stop()
+    healthy = cli("repair", "--check", "--data", str(server.data))
     assert healthy.returncode == 0 and "Healthy." in healthy.stdout
-    flip_byte_of_chunk(srv.data, digest(disk[1 << 20 : 2 << 20]))
-    damaged = cli("repair", "--check", "--data", str(srv.data), "--json")
+    flip_byte_of_chunk(server.data, digest(disk[1 << 20 : 2 << 20]))
+    damaged = cli("repair", "--check", "--data", str(server.data), "--json")
     assert damaged.returncode == 1
     report = json.loads(damaged.stdout)
     assert len(report["damaged_chunks"]) == 1 and len(report["damaged_points"]) == 1
-    assert cli("repair", "--check", "--data", str(srv.data)).returncode == 1  # read-only: still there
-    srv.start()
+    assert cli("repair", "--check", "--data", str(server.data)).returncode == 1  # read-only: still there
+    server.start()
