@@ -555,6 +555,7 @@ class Limits:
     sample_bytes: int
 
     def rows(self) -> list[Row]:
+        """The limits table."""
         mibs, n = "MiB/s", self.threads
         data = f"{self.sample_bytes / MiB:.0f} MiB of fleet chunks, zstd-1 ratio {self.one.ratio:.2f}"
         return [
@@ -703,11 +704,19 @@ class Row:
     target_text: str = ""
     note: str = ""
     spread: tuple[float, float] | None = None
-    """(min, max) over the runs when `value` is their median."""
+    """(min, max) of `value` over the runs when this row is their median run (see `aggregate`)."""
+    ratio_spread: tuple[float, float] | None = None
+    """(min, max) of the ratio over those runs."""
 
     @property
     def ratio(self) -> float | None:
         return self.value / self.limit if self.limit else None
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Row:
+        """A row back from `to_json` (its derived ratio and verdict are recomputed)."""
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k not in ("ratio", "passed")}
+        return cls(**fields)
 
     @property
     def passed(self) -> bool | None:
@@ -742,6 +751,8 @@ def format_table(rows: Sequence[Row], limit_head: str = "machine limit") -> str:
         verdict = {True: "PASS", False: "FAIL", None: "—"}[r.passed]
         limit = f"{_num(r.limit)} {r.unit} ({r.limit_name})" if r.limit else (r.limit_name or "—")
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
+        if r.ratio_spread and f"{r.ratio_spread[0]:.2f}" != f"{r.ratio_spread[1]:.2f}":
+            ratio += f" ({r.ratio_spread[0]:.2f}–{r.ratio_spread[1]:.2f})"
         measured = f"{_num(r.value)} {r.unit}"
         if r.spread and _num(r.spread[0]) != _num(r.spread[1]):  # equal in every run: nothing to show
             measured += f" ({_num(r.spread[0])}–{_num(r.spread[1])})"
@@ -750,8 +761,12 @@ def format_table(rows: Sequence[Row], limit_head: str = "machine limit") -> str:
 
 
 def aggregate(runs: Sequence[Sequence[Row]]) -> list[Row]:
-    """One row per name over several runs: the median value and limit, the min-max spread, and the note of the run
-    whose value is the median (with an even count, the lower middle), so a note always matches a real run."""
+    """One row per name over several runs: the row of the median run, with the min–max of its value and ratio.
+
+    The median run is the one with the median ratio when the row has a limit (the ratio is what stays comparable
+    between runs on a shared machine), else with the median value; with an even count, the lower middle. Value,
+    limit, target, verdict and note therefore always come from one real run and agree with each other.
+    """
     by_name: dict[str, list[Row]] = {}
     for rows in runs:
         for r in rows:
@@ -761,11 +776,12 @@ def aggregate(runs: Sequence[Sequence[Row]]) -> list[Row]:
         if len(rows) == 1:
             out.append(rows[0])
             continue
-        middle = sorted(rows, key=lambda r: r.value)[(len(rows) - 1) // 2]
-        limits = [r.limit for r in rows if r.limit]
+        ratios = [r.ratio for r in rows if r.ratio is not None]
+        by_ratio = len(ratios) == len(rows)
+        middle = sorted(rows, key=lambda r: r.ratio if by_ratio else r.value)[(len(rows) - 1) // 2]
         values = [r.value for r in rows]
-        out.append(replace(middle, value=statistics.median(values), spread=(min(values), max(values)),
-                           limit=statistics.median(limits) if limits else None))
+        out.append(replace(middle, spread=(min(values), max(values)),
+                           ratio_spread=(min(ratios), max(ratios)) if by_ratio else None))
     return out
 
 

@@ -108,6 +108,7 @@ class Scale:
     """Repositories the ingest benchmark fills side by side; the DESIGN rows are those of 1 MiB."""
 
     def fleet_key(self) -> str:
+        """A hash of what shapes the fleet; run-only fields are left out so changing them keeps the cache."""
         shape = {k: v for k, v in asdict(self).items() if k not in RUN_FIELDS}
         return hashlib.sha256(json.dumps([FLEET_FORMAT, shape]).encode()).hexdigest()[:10]
 
@@ -189,11 +190,13 @@ class Package:
 
     @property
     def dest(self) -> PurePosixPath:
+        """Where the package lands in a guest: its own directory, so no two packages or OS files collide."""
         return PurePosixPath("/srv/apps", str(self.path).strip("/").replace("/", "_"))
 
 
 def _safe(path: Path) -> bool:
-    return not _UNSAFE_NAME.search(str(path))
+    """A file debugfs can copy: a name it can quote, and readable by this user (CI does not run as root)."""
+    return not _UNSAFE_NAME.search(str(path)) and os.access(path, os.R_OK)
 
 
 @functools.cache
@@ -355,6 +358,7 @@ class FsMap:
 
 
 def dumpe2fs(image: Path) -> FsMap:
+    """Free blocks and inode tables of an image, from its own block bitmaps (no mount needed)."""
     text = subprocess.run(["dumpe2fs", str(image)], capture_output=True, text=True, check=True).stdout
     blocks = int(re.search(r"^Block count:\s+(\d+)", text, re.M).group(1))
     free = bytearray(blocks)
@@ -446,6 +450,7 @@ def metadata_block(rng: random.Random) -> bytes:
 
 
 def file_bytes(path: Path, limit: int) -> bytes:
+    """The first `limit` bytes of a file: the content of a "new version" of one."""
     with open(path, "rb") as f:
         return f.read(limit)
 
@@ -631,6 +636,7 @@ def save_patch(writes: dict[int, bytes], base: Path, summary: dict) -> None:
 # ------------------------------------------------------------------------------------------ build
 
 def fleet_dir(scale: Scale) -> Path:
+    """Where the fleet of a scale is cached: one directory per fleet shape, so a changed scale builds anew."""
     return CACHE / f"fleet-{scale.name}-{scale.fleet_key()}"
 
 

@@ -38,6 +38,7 @@ DEFAULT_CHUNK = MiB
 
 
 def size_label(n: int) -> str:
+    """'256 KiB', '1 MiB': a chunk size as the tables name it."""
     return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
 
 
@@ -56,6 +57,7 @@ async def backup_vm(server: ChunkyardServer, lab: Path, vm: str, options: Option
 
 
 async def backup_all(server: ChunkyardServer, lab: Path, fleet: Fleet, options: Options) -> list[dict]:
+    """Every VM in turn, as one collector works through a host's VMs."""
     return [await backup_vm(server, lab, vm.name, options) for vm in fleet.vms]
 
 

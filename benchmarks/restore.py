@@ -81,6 +81,7 @@ def run(fleet: Fleet, work: Path, limits: Limits, repository: dict) -> dict:
 
 
 def rows(limits: Limits, streams: dict[str, list[dict]], files: dict[str, list[dict]], meter: PhaseMeter) -> list[Row]:
+    """Streams beside the verify rate (the server's per-byte work); restores to a file beside the disk write."""
     out = []
     for fmt, items in streams.items():
         got, seconds = sum(i["bytes"] for i in items), sum(i["seconds"] for i in items)

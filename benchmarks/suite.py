@@ -14,6 +14,7 @@ A missed target is a finding, not a failure: the exit status is non-zero only wh
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -53,6 +54,7 @@ TABLES = (  # (key, heading, limit column)
 
 
 def check_tools(only: Sequence[str]) -> None:
+    """Fail before a long run starts, not in its middle, when a tool is missing."""
     missing = [t for t in (*TOOLS, *(PEER_TOOLS if "peers" in only else ())) if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run benchmarks/install-peers.sh")
@@ -89,6 +91,34 @@ def one_run(fleet: Fleet, only: Sequence[str], work: Path) -> dict:
     return {"tables": tables, "details": details}
 
 
+def report(per_run: Sequence[dict[str, list[Row]]], heading: str) -> dict[str, list[Row]]:
+    """Print the headline and one table per benchmark over the runs' tables; return the aggregated tables."""
+    tables = {key: aggregate([r[key] for r in per_run]) for key, _, _ in TABLES if per_run[0].get(key)}
+    headline = [r for key in ("ingest", "restore", "peers") for r in tables.get(key, []) if r.target is not None]
+    print(f"\n{heading}\n")
+    print("## Headline: DESIGN §7 targets\n")
+    print(format_table(headline, "limit / peer"))
+    for key, title, limit_head in TABLES:
+        if key in tables:
+            print(f"\n## {title}\n")
+            print(format_table(tables[key], limit_head))
+    missed = [r.name for r in headline if r.passed is False]
+    print(f"\n{len(missed)} target(s) missed{': ' + '; '.join(missed) if missed else ''}")
+    return tables
+
+
+def reprint(path: Path) -> int:
+    """`--report`: the tables of a saved run, aggregated again (after a change to the tables, say)."""
+    doc = json.loads(path.read_text())
+    per_run = [{k: [Row.from_json(r) for r in rows] for k, rows in run["tables"].items()} for run in doc["per_run"]]
+    print(doc["fleet_description"])
+    report(per_run, f"Fleet: {doc['scale']}, {doc['runs']} run(s), {doc['machine']['timestamp']}, commit "
+                    f"{(doc['source']['commit'] or '?')[:7]}; {doc['machine']['cpu']}, {doc['machine']['nproc']} cores")
+    if doc["contended_phases"]:
+        print(f"\nWARNING: other processes used more than 0.2 core during: {', '.join(doc['contended_phases'])}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=SCALES, default="smoke")
@@ -97,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the results (default benchmarks/out/<name>.json)")
     parser.add_argument("--keep", action="store_true", help="keep each run's work directory under benchmarks/out")
     parser.add_argument("--rebuild-fleet", action="store_true", help="build the fleet again, even if cached")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved run; run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        return reprint(args.report)
     only = args.only or list(BENCHMARKS)
     scale = SCALES[args.scale]
     runs = args.runs or scale.runs
@@ -119,16 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    tables = {key: aggregate([r["tables"][key] for r in results])
-              for key, _, _ in TABLES if results[0]["tables"].get(key)}
-    headline = [r for key in ("ingest", "restore", "peers") for r in tables.get(key, []) if r.target is not None]
-    print(f"\nFleet: {fleet.scale.name}, {runs} run(s); {info['cpu']}, {info['nproc']} cores\n")
-    print("## Headline: DESIGN §7 targets\n")
-    print(format_table(headline, "limit / peer"))
-    for key, heading, limit_head in TABLES:
-        if key in tables:
-            print(f"\n## {heading}\n")
-            print(format_table(tables[key], limit_head))
+    tables = report([r["tables"] for r in results],
+                    f"Fleet: {fleet.scale.name}, {runs} run(s); {info['cpu']}, {info['nproc']} cores")
     contended = sorted({p for r in results for d in r["details"].values() if isinstance(d, dict)
                         for p in d.get("contended", [])})
     if contended:
@@ -144,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per_run": [{"seconds": r["seconds"], "details": r["details"],
                      "tables": {k: [row.to_json() for row in rows] for k, rows in r["tables"].items()}}
                     for r in results]})
-    missed = [r.name for r in headline if r.passed is False]
-    print(f"\n{len(missed)} target(s) missed{': ' + '; '.join(missed) if missed else ''}; {duration:.0f} s; "
-          f"JSON: {json_path}")
+    print(f"{duration:.0f} s; JSON: {json_path}")
     return 0
 
 
