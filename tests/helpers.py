@@ -6,11 +6,13 @@ protocol (missing -> upload -> map -> commit) so that server tests exercise real
 
 from __future__ import annotations
 
+import io
 import os
 import random
 
 import zstandard
 
+from chunkyard.progress import Progress
 from chunkyard.wire import ZERO, Client, bitmap_get, is_zero, make_frame
 
 MiB = 1 << 20
@@ -86,3 +88,20 @@ async def restore(client: Client, point_id: str, disk_id: str) -> bytes:
     async for data in client.stream_disk(point_id, disk_id):
         out += data
     return bytes(out)
+
+
+class Interrupt(Exception):
+    """What KillAt raises: a collector dying mid-backup."""
+
+
+class KillAt(Progress):
+    """Raises once `limit` bytes were read: the collector dies mid-backup."""
+
+    def __init__(self, limit: int):
+        super().__init__(None, "kill", io.StringIO())
+        self.limit = limit
+
+    def update(self, n: int) -> None:
+        super().update(n)
+        if self.done >= self.limit:
+            raise Interrupt

@@ -16,7 +16,7 @@ from chunkyard.wire import Client
 from collectors.pipeline import Options, chunk_spans, run_backup
 from collectors.sources.file import FileSource
 from tests.conftest import require_tool
-from tests.helpers import MiB, make_disk, restore
+from tests.helpers import Interrupt, KillAt, MiB, make_disk, restore
 
 
 def write_sparse(path: Path, image: bytes) -> None:
@@ -92,21 +92,6 @@ async def test_vhdx_file_source(tmp_path: Path, collector: Client, admin: Client
     assert result.read_bytes <= 6 * MiB  # zero blocks are not allocated in the VHDX, so not read
 
 
-class Interrupt(Exception):
-    pass
-
-
-class KillAt(Progress):
-    """Raises once `limit` bytes were read: the collector dies mid-backup."""
-
-    def __init__(self, limit: int):
-        super().__init__(None, "kill", io.StringIO())
-        self.limit = limit
-
-    def update(self, n: int) -> None:
-        super().update(n)
-        if self.done >= self.limit:
-            raise Interrupt
 
 
 async def test_interrupted_backup_resumes_without_resending(tmp_path: Path, collector: Client,

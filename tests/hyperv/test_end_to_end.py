@@ -18,7 +18,7 @@ from chunkyard.wire import Client
 from collectors.pipeline import Options, Result, run_backup
 from collectors.sources.hyperv import HyperVBackup
 from collectors.sources.hyperv.source import NOT_ASKED
-from tests.helpers import restore
+from tests.helpers import Interrupt, KillAt, restore
 
 from .conftest import Lab, MiB
 
@@ -101,19 +101,6 @@ async def test_rct_invalid_falls_back_to_full_read_and_uploads_only_changes(lab:
     assert await restored(admin, result, lab) == current(lab)
 
 
-class Interrupt(Exception):
-    pass
-
-
-class KillAt(Progress):
-    def __init__(self, limit: int):
-        super().__init__(None, "kill", io.StringIO())
-        self.limit = limit
-
-    def update(self, n: int) -> None:
-        super().update(n)
-        if self.done >= self.limit:
-            raise Interrupt
 
 
 async def test_failure_mid_backup_destroys_checkpoint_and_next_run_is_incremental(
