@@ -22,11 +22,13 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_openapi_documents_exactly_the_routes() -> None:
     app = create_app(load_config())
-    routed = {(r.method.lower(), r.resource.canonical.removeprefix("/api/v1"))
-              for r in app.router.routes() if r.method != "HEAD"}
+    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+    routed = {(m, p.removeprefix("/api/v1")) for m, p in routes if p.startswith("/api/v1/")}
     doc = openapi_document()
     documented = {(m, p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     assert routed == documented
+    # Outside the API there is only the dashboard's static pages.
+    assert {p for _, p in routes if not p.startswith("/api/v1/")} == {"/", "/ui", "/ui/{path}"}
 
 
 async def test_health_openapi_metrics_and_stats(server: ServerProcess, admin: Client) -> None:

@@ -16,9 +16,10 @@ from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invali
 from tiering.config import parse_tiers
 from tiering.sync import TierSync
 
-from . import admin, catalog, jobs, retention, sessions
+from . import admin, catalog, dashboard, jobs, retention, sessions
 from .admin import TIERS
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
+from .signed import SIGNER, UrlSigner, load_secret
 
 log = logging.getLogger("chunkyard.server")
 STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500}
@@ -42,7 +43,10 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
         if allowed is not None:
             auth = request.headers.get("Authorization", "")
             scheme, _, token = auth.partition(" ")
-            info = request.app[REPO].tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+            if not auth and "sig" in request.query and getattr(handler, "signable", False):
+                info = request.app[SIGNER].check(request, request.app[REPO].tokens)  # a signed download link
+            else:
+                info = request.app[REPO].tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
             if info is None:
                 raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
                                headers={"WWW-Authenticate": 'Bearer realm="chunkyard"'})
@@ -100,6 +104,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
             config.data, pack_size=config.pack_size_mib << 20, cache_bytes=config.index_cache_mib << 20,
             passphrase=passphrase))
         app[REPO] = opened
+        app[SIGNER] = UrlSigner(load_secret(opened.data))
         app[TIERS].start(opened)  # uploader threads, never the event loop
         housekeeping = asyncio.create_task(_housekeeping(app))
         yield
@@ -117,6 +122,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     catalog.add_routes(app)
     jobs.add_routes(app)
     retention.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 

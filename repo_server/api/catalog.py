@@ -15,11 +15,12 @@ from chunkyard.vdisk import Piece, VhdxLayout
 from chunkyard.wire import DIGEST_LEN, ZERO
 from repo_server.engine import Corrupt, Repository
 from repo_server.engine.manifest import PAGE_BYTES, PAGE_ENTRIES, chunk_length
-from repo_server.engine.points import public
+from repo_server.engine.points import public, vm_view
 from repo_server.engine.restore import DiskImage, find_disk
 from repo_server.engine.verify import verify_status
 
-from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, token_of
+from .common import METRICS, POOL, REPO, STREAMING, ApiError, read_json, roles, run, token_of
+from .signed import SIGNER, signable
 
 log = logging.getLogger("chunkyard.restore")
 READ_AHEAD = 8  # chunks decompressed and verified ahead of the socket
@@ -29,7 +30,7 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 @roles("admin", "reader")
 async def list_vms(request: web.Request) -> web.Response:
-    return web.json_response({"vms": await run(request, request.app[REPO].points.vms)})
+    return web.json_response({"vms": [vm_view(v) for v in await run(request, request.app[REPO].points.vms)]})
 
 
 def shown(repo: Repository, record: dict) -> dict:
@@ -198,6 +199,17 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
         image.close()
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:64]
+
+
+def download_name(point: dict, disk_id: str, fmt: str) -> str:
+    """<vm>-<disk>-<point>.<fmt>: the VM's and disk's names (the disk id without a name), filesystem-safe."""
+    disk = find_disk(point, disk_id)
+    stem = _safe(str(disk.get("name") or "").rsplit(".", 1)[0]) or _safe(disk_id)
+    return f"{_safe(point['vm'].get('name') or point['vm']['id']) or 'vm'}-{stem}-{point['point_id']}.{fmt}"
+
+
 async def download(request: web.Request, fmt: str) -> web.StreamResponse:
     """A restore download (raw or VHDX) with single-range, ETag and If-Range support."""
     repo = request.app[REPO]
@@ -218,7 +230,7 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
     start, stop = span or (0, size)
     resp = web.StreamResponse(status=206 if span else 200, headers={
         "Content-Type": "application/octet-stream", "ETag": etag, "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{disk_id}.{fmt}"',
+        "Content-Disposition": f'attachment; filename="{download_name(point, disk_id, fmt)}"',
     })
     if span:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
@@ -269,14 +281,30 @@ class LayoutCache:
 LAYOUTS = web.AppKey("vhdx_layouts", LayoutCache)
 
 
+@signable
 @roles("admin", "reader")
 async def get_raw(request: web.Request) -> web.StreamResponse:
     return await download(request, "raw")
 
 
+@signable
 @roles("admin", "reader")
 async def get_vhdx(request: web.Request) -> web.StreamResponse:
     return await download(request, "vhdx")
+
+
+@roles("admin", "reader")
+async def download_url(request: web.Request) -> web.Response:
+    """A signed link to the raw or VHDX download of one disk of one point (see signed.py)."""
+    body = await read_json(request)
+    fmt = body.get("format") if isinstance(body, dict) else None
+    if fmt not in ("raw", "vhdx"):
+        raise ApiError(422, "bad_field", 'the body must be {"format": "raw"} or {"format": "vhdx"}')
+    pid, disk_id = request.match_info["pid"], request.match_info["disk_id"]
+    point = request.app[REPO].points.get(pid)
+    filename = download_name(point, disk_id, fmt)  # 404 for a disk the point does not have
+    url, expires = request.app[SIGNER].sign(f"/api/v1/points/{pid}/disks/{disk_id}/{fmt}", token_of(request).id)
+    return web.json_response({"url": url, "expires": expires, "filename": filename})
 
 
 def add_routes(app: web.Application) -> None:
@@ -289,4 +317,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/points/{pid}/disks/{disk_id}/map", get_map)
     r.add_get("/api/v1/points/{pid}/disks/{disk_id}/raw", get_raw)
     r.add_get("/api/v1/points/{pid}/disks/{disk_id}/vhdx", get_vhdx)
+    r.add_post("/api/v1/points/{pid}/disks/{disk_id}/download-url", download_url)
     r.add_get("/api/v1/points/{pid}/blobs/{name}", get_blob)

@@ -78,6 +78,14 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "layout (headers, log, metadata, BAT, then present blocks in order; zero chunks unallocated), so "
         "`Range`, `ETag` and `If-Range` behave as for /raw. A disk whose size is not whole 512-byte sectors "
         "is padded with zeros.", ["admin", "reader"], None, 200, OCTET)},
+    "/points/{pid}/disks/{disk_id}/download-url": {"post": (
+        'A short-lived signed link to the raw or VHDX download: body {"format": "raw"|"vhdx"} → {url, expires, '
+        "filename}. The url is the /raw or /vhdx path plus `exp`, `tok` and `sig` query parameters (HMAC-SHA256 "
+        "with a per-server secret over the method, path, expiry and the asking token's id): it opens that one path "
+        "for GET/HEAD (Range works) without an Authorization header for 10 minutes, and only while the asking token "
+        "exists. A wrong signature answers 403, an expired link or a revoked token 401. The dashboard's downloads "
+        "use it, since a browser link cannot send a token and a token must never go into a URL.",
+        ["admin", "reader"], {"$ref": "#/components/schemas/DownloadUrlRequest"}, 200, JSON_OBJ)},
     "/admin/gc": {"post": (
         "Start a garbage collection job (mark from all points and open sessions, sweep, compact packs whose "
         'live fraction is under compact_below). Backups continue meanwhile. Optional body {"compact_below": 0.5}.'
@@ -131,6 +139,8 @@ SCHEMAS = {
         "properties": {k: {"type": "integer", "minimum": 0} for k in KEYS}},
     "Protection": {"type": "object", "required": ["protected"], "additionalProperties": False, "properties": {
         "protected": {"type": "boolean"}, "note": {"type": "string", "maxLength": 1000}}},
+    "DownloadUrlRequest": {"type": "object", "required": ["format"], "properties": {
+        "format": {"type": "string", "enum": ["raw", "vhdx"]}}},
     "Error": {"type": "object", "required": ["error", "message"],
               "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
     "TokenRequest": {"type": "object", "required": ["role"], "properties": {

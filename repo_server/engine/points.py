@@ -49,6 +49,31 @@ def logical_bytes(record: dict) -> int:
     return sum(d["allocated_chunks"] for d in record["disks"]) * record["chunk_size"]
 
 
+# Per-VM sums kept in its summary: what the fleet overview shows without reading every point.
+TOTALS = ("logical_bytes", "new_bytes", "stored_bytes")
+
+
+def _add_totals(summary: dict, record: dict, sign: int) -> None:
+    stats = record.get("stats", {})
+    summary["logical_bytes"] = summary.get("logical_bytes", 0) + sign * logical_bytes(record)
+    summary["new_bytes"] = summary.get("new_bytes", 0) + sign * stats.get("new_bytes", 0)
+    summary["stored_bytes"] = summary.get("stored_bytes", 0) + sign * stats.get("stored_bytes", 0)
+
+
+def _latest_fields(record: dict) -> dict:
+    """The summary fields that describe a VM's newest point."""
+    return {"name": record["vm"]["name"], "host": record["host"], "latest_point": record["point_id"],
+            "latest_time": record["created"], "latest_consistency": record.get("consistency"),
+            "latest_size": sum(d["size"] for d in record["disks"]), "latest_logical_bytes": logical_bytes(record)}
+
+
+def vm_view(summary: dict) -> dict:
+    """A VM summary as the API shows it, with its dedup ratio: the logical bytes of all its points over the
+    bytes its backups added to the repository (None before any were added)."""
+    added = summary.get("new_bytes", 0)
+    return summary | {"dedup_ratio": round(summary.get("logical_bytes", 0) / added, 3) if added > 0 else None}
+
+
 class PointStore:
     def __init__(self, index: Index, root: Path, keyring: Keyring):
         self.index = index
@@ -99,9 +124,9 @@ class PointStore:
         batch.put("points", f"v:{vm_id}\0{point_id}".encode(), b"")
         summary = self.vm(vm_id) or {"id": vm_id, "points": 0}
         summary["points"] += 1
+        _add_totals(summary, record, +1)
         if point_id >= summary.get("latest_point", ""):
-            summary |= {"name": record["vm"]["name"], "host": record["host"],
-                        "latest_point": point_id, "latest_time": record["created"]}
+            summary |= _latest_fields(record)
         batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
         self.logical_bytes += logical_bytes(record)
         self.point_count += 1
@@ -166,10 +191,9 @@ class PointStore:
         batch.delete("points", f"v:{vm_id}\0{point_id}".encode())
         remaining = [i for i in self.ids_of_vm(vm_id) if i != point_id]
         if remaining:
-            latest = self.get(remaining[-1])
-            summary = {"id": vm_id, "points": len(remaining), "name": latest["vm"]["name"],
-                       "host": latest["host"], "latest_point": latest["point_id"],
-                       "latest_time": latest["created"]}
+            summary = {k: v for k, v in (self.vm(vm_id) or {}).items() if k in TOTALS}
+            _add_totals(summary, record, -1)
+            summary |= {"id": vm_id, "points": len(remaining)} | _latest_fields(self.get(remaining[-1]))
             batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
         else:
             batch.delete("points", b"m:" + vm_id.encode())
@@ -204,4 +228,18 @@ class PointStore:
                 batch = self.index.batch()
                 self._unindex_point(self.get(point_id), batch)
                 self.index.write(batch, sync=True)
+            for summary in self.vms():
+                if "latest_consistency" not in summary:  # written by a version without the per-VM totals
+                    self._resummarize(summary["id"])
         return added, len(removed)
+
+    def _resummarize(self, vm_id: str) -> None:
+        """Rebuild a VM's summary from its points (once, for an index written by an older version)."""
+        summary: dict[str, Any] = {"id": vm_id, "points": 0}
+        for record in self.of_vm(vm_id):
+            summary["points"] += 1
+            _add_totals(summary, record, +1)
+            summary |= _latest_fields(record)  # of_vm is oldest first: the last one wins
+        batch = self.index.batch()
+        batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
+        self.index.write(batch, sync=True)
