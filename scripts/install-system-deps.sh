@@ -5,6 +5,7 @@ set -euo pipefail
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v smbd >/dev/null 2>&1 || need+=(samba)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the dashboard's browser tests (Playwright drives it)
 # Azurite (the Azure Blob emulator) from npm, pinned: 3.36+ needs Node >= 21. Installed into tools/.
 if [ ! -x tools/node_modules/.bin/azurite-blob ]; then
   if command -v npm >/dev/null 2>&1; then
