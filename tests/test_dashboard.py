@@ -101,7 +101,7 @@ def test_dashboard_login_fleet_download_repository(tmp_path: Path, server: Serve
         ui.login(reader["token"])
         ui.vm_rows()
         call(server, "DELETE", f"/tokens/{reader['id']}")
-        ui.go("repository")  # the next call is refused: back to the login with a message
+        ui.page.click("#nav a[data-section=repository]")  # the next call is refused: back to the login
         assert "log in again" in ui.login_error()
         assert ui.page.evaluate("sessionStorage.getItem('chunkyard.token')") is None
         assert ui.script_errors == []

@@ -79,24 +79,27 @@ export async function run(ctx, runId) {
 }
 
 function runView(r) {
-  const rows = r.vms.map((v) => h("tr", { dataset: { vmName: v.vm.name ?? v.vm.id, state: v.state } },
-    h("th", { scope: "row" }, v.vm.name ?? v.vm.id),
-    h("td", {}, v.host),
-    h("td", {}, badge(v.state), v.attempt > 1 ? ` (attempt ${v.attempt})` : ""),
-    h("td", { class: "progress" }, progressOf(v)),
-    h("td", {}, v.consistency ? badge(v.consistency) : "–"),
-    h("td", { class: "num" }, size(v.bytes_read)),
-    h("td", { class: "num" }, size(v.bytes_new)),
-    h("td", { class: "num" }, size(v.bytes_sent)),
-    h("td", { class: "num" }, duration(v.duration_s)),
-    h("td", { class: "error" }, v.error ?? "")));
+  const rows = r.vms.map((v) => {
+    const done = !LIVE.has(v.state); // a VM's counters arrive with its result
+    return h("tr", { dataset: { vmName: v.vm.name ?? v.vm.id, state: v.state } },
+      h("th", { scope: "row" }, v.vm.name ?? v.vm.id),
+      h("td", {}, v.host),
+      h("td", {}, badge(v.state), v.attempt > 1 ? ` (attempt ${v.attempt})` : ""),
+      h("td", { class: "progress" }, progressOf(v)),
+      h("td", {}, v.consistency ? badge(v.consistency) : "–"),
+      h("td", { class: "num" }, done ? size(v.bytes_read) : "–"),
+      h("td", { class: "num" }, done ? size(v.bytes_new) : "–"),
+      h("td", { class: "num" }, done ? size(v.bytes_sent) : "–"),
+      h("td", { class: "num" }, done ? duration(v.duration_s) : "–"),
+      h("td", { class: "error" }, v.error ?? ""));
+  });
   const t = r.totals ?? {};
   return [
     h("p", {}, h("a", { href: `#/jobs/${encodeURIComponent(r.job)}` }, `← Job ${r.job}`)),
     h("h2", {}, "Run ", h("span", { class: "id" }, r.run_id)),
     h("p", { id: "run-state", class: "lead", dataset: { state: r.state } }, badge(r.state), ` ${r.trigger} run, `,
       `started ${ago(r.started)}`, r.finished ? `, took ${duration(r.finished - r.started)}` : "",
-      t.bytes_new !== undefined ? ` · new ${size(t.bytes_new)}, sent ${size(t.bytes_sent)}` : ""),
+      r.finished && t.bytes_new !== undefined ? ` · new ${size(t.bytes_new)}, sent ${size(t.bytes_sent)}` : ""),
     table("run-vms", ["VM", "Host", "State", "Progress", "Consistency", "Read", "New", "Sent", "Took", "Error"], rows,
       "No VM matched this job's patterns."),
   ];
