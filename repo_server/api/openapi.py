@@ -56,7 +56,11 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "obtained after reading (they override those given at session creation).", ["admin", "collector"],
         "json-optional",
         201, JSON_OBJ)},
-    "/vms": {"get": ("VMs with restore points", ["admin", "reader"], None, 200, JSON_OBJ)},
+    "/vms": {"get": (
+        "VMs with restore points: name, host, point count, the newest point (latest_point, latest_time, "
+        "latest_consistency, latest_size, latest_logical_bytes) and sums over all the VM's points (logical_bytes, "
+        "new_bytes its backups added, stored_bytes) with dedup_ratio = logical_bytes / new_bytes",
+        ["admin", "reader"], None, 200, JSON_OBJ)},
     "/vms/{vm_id}/points": {"get": ("Restore points of a VM, oldest first", ["admin", "reader"], None, 200,
                                     JSON_OBJ)},
     "/points/{pid}": {
