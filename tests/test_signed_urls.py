@@ -92,6 +92,9 @@ async def test_tampered_expired_and_misdirected_links_are_refused(server: Server
         "a garbage signature": with_query(good, sig="zz" * 32),
         "a huge expiry": with_query(good, exp="9" * 40),
         "a negative expiry": with_query(good, exp="-5"),
+        "a superscript expiry": with_query(good, exp="²" * 3),
+        "a token id with a newline": with_query(good, tok=params["tok"] + "\n"),
+        "an upper-case signature": with_query(good, sig=params["sig"].upper()),
     }
     for what, url in forged.items():
         status, _, body = await fetch(server, url)

@@ -27,8 +27,9 @@ from .common import ApiError, Handler
 
 SECRET_FILE = "url-signing.key"
 LIFETIME = 600  # seconds a signed URL stays valid
-_HEX = re.compile(r"^[0-9a-f]{64}$")
-_TOKEN_ID = re.compile(r"^[0-9a-f]{16}$")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_TOKEN_ID = re.compile(r"[0-9a-f]{16}")
+_EXPIRES = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() would let "²" through to int()
 
 
 def signable(handler: Handler) -> Handler:
@@ -49,7 +50,7 @@ def load_secret(data: Path) -> bytes:
         finally:
             os.close(fd)
     secret = path.read_text().strip()
-    if not _HEX.match(secret):
+    if not _HEX.fullmatch(secret):
         raise RuntimeError(f"{path} is damaged (expected 64 hex digits): delete it and restart the server; "
                            "download links handed out before then stop working")
     return bytes.fromhex(secret)
@@ -74,8 +75,8 @@ class UrlSigner:
         token that asked for it was revoked."""
         q = request.query
         sig, exp, tok = q.get("sig", ""), q.get("exp", ""), q.get("tok", "")
-        if request.method not in ("GET", "HEAD") or not exp.isdigit() or len(exp) > 12 \
-                or not _TOKEN_ID.match(tok) or not _HEX.match(sig):
+        if request.method not in ("GET", "HEAD") or not _EXPIRES.fullmatch(exp) or not _TOKEN_ID.fullmatch(tok) \
+                or not _HEX.fullmatch(sig):
             raise ApiError(403, "bad_signature", "this download link is malformed: ask the dashboard for a new one")
         if not hmac.compare_digest(sig, self._mac(request.path, int(exp), tok)):
             raise ApiError(403, "bad_signature", "this download link's signature does not match its path and "
