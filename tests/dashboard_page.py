@@ -38,8 +38,11 @@ class DashboardPage:
     def __init__(self, context: object, base_url: str):
         self.page = context.new_page()  # type: ignore[attr-defined]
         self.base_url = base_url.rstrip("/")
-        self.script_errors: list[str] = []  # uncaught exceptions in the page's JavaScript
+        # Uncaught exceptions in the page's JavaScript, and anything the Content-Security-Policy blocked
+        # (an inline style or script slipping in would otherwise fail silently).
+        self.script_errors: list[str] = []
         self.page.on("pageerror", lambda e: self.script_errors.append(str(e)))
+        self.page.on("console", lambda m: "Content Security Policy" in m.text and self.script_errors.append(m.text))
 
     # --- login ---
     def open(self) -> DashboardPage:
