@@ -77,7 +77,7 @@ function errorView(e) {
   return p;
 }
 
-function showLogin(message = "") {
+function showLogin(message = "", isError = true) {
   generation += 1;
   $("login").hidden = false;
   $("nav").hidden = true;
@@ -85,6 +85,7 @@ function showLogin(message = "") {
   $("banner").hidden = true;
   $("view").replaceChildren();
   $("login-error").textContent = message;
+  $("login-error").className = isError ? "error" : "note";
   $("token").focus();
 }
 
@@ -103,6 +104,7 @@ async function login(event) {
   try {
     await api("GET", "/vms", { token }); // admin and reader tokens may read the catalog
   } catch (e) {
+    $("login-error").className = "error";
     $("login-error").textContent = e.status === 401
       ? "That token was refused: it is unknown, revoked or expired. Paste the whole token (it starts with cy_)."
       : e.status === 403 ? "This token's role cannot use the dashboard: log in with an admin or reader token."
@@ -118,7 +120,7 @@ async function login(event) {
 function logout() {
   session.clear();
   status("");
-  showLogin("Logged out.");
+  showLogin("Logged out.", false);
 }
 
 whenUnauthorized(() => {
