@@ -22,7 +22,7 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_openapi_documents_exactly_the_routes() -> None:
     app = create_app(load_config())
-    routed = {(r.method.lower(), r.resource.canonical.removeprefix("/api/v1"))
+    routed = {(r.method.lower(), r.resource.canonical)
               for r in app.router.routes() if r.method != "HEAD"}
     doc = openapi_document()
     documented = {(m, p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
@@ -36,7 +36,7 @@ async def test_health_openapi_metrics_and_stats(server: ServerProcess, admin: Cl
     await backup(admin, "vm1", {"d0": b"\x01" * 5000})
     resp = await admin._request("GET", "/metrics")
     text = await resp.text()
-    assert "chunkyard_point_count 1" in text and 'route="/api/v1/sessions"' in text
+    assert "chunkyard_point_count 1.0" in text and 'route="/api/v1/sessions"' in text
     stats = await admin.repository()
     assert stats["chunk_count"] == 2 and stats["logical_bytes"] == 1 << 20  # the data chunk + its page
 
