@@ -25,7 +25,8 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     "/health": {"get": ("Liveness and version", None, None, 200, JSON_OBJ)},
     "/openapi.json": {"get": ("This document", None, None, 200, JSON_OBJ)},
     "/repository": {"get": ("Chunk size, repository id and stats: logical, unique and stored bytes, dedup and "
-                            "compression ratios, chunk, pack and point counts",
+                            "compression ratios, chunk, pack and point counts; `encryption` (\"none\" or the "
+                            "scheme) and `warnings` (e.g. an unencrypted repository; empty when all is well)",
                             ["admin", "reader", "collector"], None, 200, JSON_OBJ)},
     "/metrics": {"get": METRICS_OP},
     "/tokens": {
