@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,17 @@ def test_mixed_records_and_files_are_refused(tmp_path: Path) -> None:
     master = os.urandom(32)
     assert from_paper(paper_key(master)) == master
     assert hashlib.sha256(master).digest() != hashlib.sha256(keyring.master or b"").digest()
+
+
+def test_chunk_ids_per_thread_contexts() -> None:
+    """Chunk ids reuse one AES context per thread: every thread converts correctly, and an input that is not
+    whole digests is refused before it could leave a partial block behind in the context."""
+    keyring = Keyring(os.urandom(32))
+    digests = b"".join(digest(bytes([i])) for i in range(64))
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: keyring.ids(digests), range(64)))
+        back = list(pool.map(keyring.digests, ids))
+    assert len(set(ids)) == 1 and ids[0] != digests and all(b == digests for b in back)
+    with pytest.raises(ValueError, match="whole 32-byte digests"):
+        keyring.ids(digests[:40])
+    assert keyring.ids(digests) == ids[0]  # the refused call left nothing behind
