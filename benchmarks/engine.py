@@ -8,6 +8,10 @@ between runs.
 
     python -m benchmarks.engine            # 1 GiB per ingest run, 1 TiB virtual disk: about 40 s here
     python -m benchmarks.engine --quick    # 128 MiB per ingest run, same 1 TiB virtual disk: about 15 s
+    python -m benchmarks.engine --encryption-cost --ingest-mib 256 --reps 3
+                                           # the cost of encryption (issue #10): the same data stored and read
+                                           # in an unencrypted and an encrypted repository, in-process and
+                                           # over HTTP, alternating, each repetition in fresh repositories
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import random
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from chunkyard.wire import (
     CODEC_RAW,
@@ -44,6 +50,8 @@ from chunkyard.wire import (
     encode_frames,
     is_zero,
 )
+from repo_server.engine import Repository, init_repository
+from repo_server.engine.chunk_store import NewChunk
 
 from .common import (
     ChunkyardServer,
@@ -59,8 +67,10 @@ from .common import (
     format_table,
     loopback_http_rates,
     machine_info,
+    markdown_table,
     measure_codecs,
     post_in_pieces,
+    process_cpu_seconds,
     rocksdb_multiget_rate,
     source_state,
     vm_like_chunks,
@@ -351,6 +361,158 @@ async def restore_raw(client: Client, point_id: str, size: int) -> float:
     return seconds
 
 
+# ------------------------------------------------------------------------------------------ encryption cost
+
+MODES = ("plain", "encrypted")
+ENGINE_BATCH = 24  # chunks per put: about one upload body
+ENCRYPTION_TARGET = 0.10  # DESIGN §7 / issue #10: less than 10 % throughput loss
+
+
+def engine_store_and_read(data: Path, frames: Sequence[Frame], encrypt: bool) -> dict:
+    """In-process, no HTTP: put the pre-compressed frames into a fresh repository (chunk ids, sealing, pack
+    appends, one fdatasync per batch, index) in upload-sized batches, then read every chunk back (open,
+    decompress, check the id) with the page cache warm. Wall and CPU seconds (this process) of each."""
+    init_repository(data, encrypt=encrypt)
+    repo = Repository(data)
+    try:
+        start, cpu = time.perf_counter(), time.process_time()
+        for first in range(0, len(frames), ENGINE_BATCH):
+            batch = frames[first : first + ENGINE_BATCH]
+            ids = repo.chunk_ids([f.digest for f in batch])
+            repo.chunks.put([NewChunk(i, f.codec, f.raw_len, f.payload) for i, f in zip(ids, batch, strict=True)])
+        store_s, store_cpu = elapsed(start), time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
+        locations = repo.index.locate_many(repo.chunk_ids([f.digest for f in frames]))
+        got = 0
+        with repo.chunks.reader() as reader:
+            for loc in locations:
+                assert loc is not None
+                got += len(reader.read(loc))
+        read_s, read_cpu = elapsed(start), time.process_time() - cpu
+        if got != sum(f.raw_len for f in frames):
+            raise RuntimeError(f"read back {got} bytes of {sum(f.raw_len for f in frames)}")
+        return {"store_s": store_s, "read_s": read_s, "store_cpu": store_cpu, "read_cpu": read_cpu,
+                "stored_bytes": repo.chunks.stored_bytes}
+    finally:
+        repo.close()
+
+
+async def http_ingest_and_restore(data: Path, log: Path, chunks: list[bytes], frames: list[Frame],
+                                  sizes: Sizes, encrypt: bool) -> dict:
+    """Through a real server over a fresh repository: the server-only ingest of pre-compressed frames
+    (upload, map, commit) and the raw restore stream of the resulting point; wall seconds, and the server
+    process's CPU seconds of each (the whole ingest including map and commit; the restore)."""
+    if not encrypt:  # ChunkyardServer reuses an existing repository; `chunkyard init` encrypts by default
+        subprocess.run([sys.executable, "-m", "chunkyard.cli", "init", "--data", str(data), "--no-encrypt"],
+                       check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    with ChunkyardServer(data, log=log) as server:
+        async with server.client() as client:
+            if (await client.repository())["encryption"] != ("aes-256-gcm" if encrypt else "none"):
+                raise RuntimeError(f"{data} is not the repository this run asked for")
+            cpu = process_cpu_seconds(server.pid)
+            ingest = await ingest_server_only(server, client, chunks, frames, "bench-encryption", sizes)
+            ingest_cpu, cpu = process_cpu_seconds(server.pid) - cpu, process_cpu_seconds(server.pid)
+            restore_s = await restore_raw(client, ingest["point_id"], ingest["disk_bytes"])
+            restore_cpu = process_cpu_seconds(server.pid) - cpu
+    return {"upload_s": ingest["upload_s"], "restore_s": restore_s, "ingest_cpu": ingest_cpu,
+            "restore_cpu": restore_cpu, "disk_bytes": ingest["disk_bytes"]}
+
+
+def aes_gcm_rate(frames: Sequence[Frame]) -> float:
+    """MiB per CPU-second of AES-256-GCM sealing the compressed payloads on one thread: the cipher's own share."""
+    aead = AESGCM(secrets.token_bytes(32))
+    nonce = secrets.token_bytes(12)
+    cpu = time.process_time()
+    for f in frames:
+        aead.encrypt(nonce, f.payload, b"")  # one nonce is fine for a speed probe, never for data
+    return sum(len(f.payload) for f in frames) / MiB / (time.process_time() - cpu)
+
+
+def encryption_cost(sizes: Sizes, reps: int, tmp: Path, run: str) -> dict:
+    """Each repetition measures both modes on the same data, in alternating order, in fresh repositories."""
+    corpus = file_corpus(sizes.corpus_mib * MiB)
+    chunks = vm_like_chunks(sizes.ingest_mib, CHUNK, corpus=corpus, seed=3, nonce=run.encode() + b"/encryption")
+    del corpus
+    codec, frames = measure_codecs(chunks)
+    raw = sum(f.raw_len for f in frames) / MiB
+    disk = len(chunks) * CHUNK / MiB
+    reps_out: list[dict] = []
+    for rep in range(reps):
+        order = MODES if rep % 2 == 0 else MODES[::-1]
+        one: dict[str, dict] = {}
+        for mode in order:
+            print(f"repetition {rep + 1}/{reps}: {mode} ...", flush=True)
+            encrypt = mode == "encrypted"
+            engine = engine_store_and_read(tmp / f"engine-{rep}-{mode}", frames, encrypt)
+            http = asyncio.run(http_ingest_and_restore(tmp / f"http-{rep}-{mode}", tmp / f"server-{rep}-{mode}.log",
+                                                       chunks, frames, sizes, encrypt))
+            one[mode] = {"store": raw / engine["store_s"], "read": raw / engine["read_s"],
+                         "ingest": raw / http["upload_s"], "restore": disk / http["restore_s"],
+                         "store_cpu": raw / engine["store_cpu"], "read_cpu": raw / engine["read_cpu"],
+                         "ingest_cpu": raw / http["ingest_cpu"], "restore_cpu": disk / http["restore_cpu"],
+                         "stored_bytes": engine["stored_bytes"]}
+        reps_out.append(one)
+    return {"raw_mib": raw, "disk_mib": disk, "codec": asdict(codec), "aes_gcm": aes_gcm_rate(frames),
+            "reps": reps_out}
+
+
+ENCRYPTION_ROWS = {
+    "store": "store, in-process (ids, seal, pack append, fdatasync per 24 chunks, index)",
+    "read": "read, in-process (open, decompress, check id; page cache warm)",
+    "ingest": "ingest over HTTP (server only, pre-compressed frames; upload)",
+    "restore": "raw restore stream over HTTP",
+}
+
+
+def encryption_table(result: dict) -> tuple[str, list[dict]]:
+    """Median and min–max per mode, and the encrypted/plain ratio per repetition (its median and range).
+    Each measurement twice: MiB per wall-clock second (what the target is about) and MiB per CPU-second of
+    the process doing the work (what a busy shared machine disturbs least)."""
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+
+    lines, rows = [], []
+    for key, name in [(k, f"{n}, wall") for k, n in ENCRYPTION_ROWS.items()] + \
+                     [(f"{k}_cpu", f"{n}, per CPU-second") for k, n in ENCRYPTION_ROWS.items()]:
+        plain = [r["plain"][key] for r in result["reps"]]
+        sealed = [r["encrypted"][key] for r in result["reps"]]
+        ratios = [s / p for s, p in zip(sealed, plain, strict=True)]
+        ratio = statistics.median(ratios)
+        loss = 1 - ratio
+        verdict = "PASS" if loss < ENCRYPTION_TARGET else "FAIL"
+        lines.append([name, spread(plain), spread(sealed), f"{ratio:.3f} ({min(ratios):.3f}–{max(ratios):.3f})",
+                      f"{loss:+.1%}", verdict])
+        rows.append({"name": name, "plain": plain, "encrypted": sealed, "ratios": ratios, "median_ratio": ratio,
+                     "loss": loss, "passed": loss < ENCRYPTION_TARGET})
+    head = ["MiB/s (median, min–max)", "unencrypted", "encrypted", "encrypted / unencrypted (median, min–max)",
+            "loss", "< 10 %"]
+    return markdown_table(head, lines), rows
+
+
+def encryption_main(args: argparse.Namespace, sizes: Sizes, argv: Sequence[str] | None) -> int:
+    began = time.perf_counter()
+    info = machine_info()
+    with tempfile.TemporaryDirectory(prefix="chunkyard-bench-enc-") as tmp:
+        print(f"test data: {sizes.ingest_mib} MiB of VM-like chunks, {args.reps} repetitions ...", flush=True)
+        result = encryption_cost(sizes, args.reps, Path(tmp), secrets.token_hex(4))
+    table, rows = encryption_table(result)
+    codec = result["codec"]
+    print(f"\nEncryption cost ({info['cpu']}, {info['nproc']} cores; {result['raw_mib']:.0f} MiB non-zero data "
+          f"in a {result['disk_mib']:.0f} MiB disk, zstd-1 ratio {codec['ratio']:.2f}; AES-256-GCM alone "
+          f"{result['aes_gcm']:,.0f} MiB per CPU-second of compressed data):\n")
+    print(table)
+    json_path = args.json if args.json != DEFAULT_JSON else DEFAULT_JSON.with_name("encryption.json")
+    write_json(json_path, {
+        "benchmark": "engine --encryption-cost", "command": " ".join(
+            [Path(sys.executable).name, "-m", "benchmarks.engine", *(argv if argv is not None else sys.argv[1:])]),
+        "sizes": asdict(sizes), "reps": args.reps, "machine": info, "source": source_state(),
+        "duration_s": elapsed(began), "rows": rows, "details": result,
+    })
+    print(f"\n{sum(not r['passed'] for r in rows)} row(s) over the 10 % target (median of the per-repetition "
+          f"ratios); JSON: {json_path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ report
 
 def build_rows(codec: CodecRates, disk: DiskRates, net: LoopbackRates, rdb: float, result: dict,
@@ -432,6 +594,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
     p.add_argument("--missing-calls", type=int, help="sequential `missing` calls (default 8)")
     p.add_argument("--commit-reps", type=int, help="repetitions of each incremental commit (default 5)")
     p.add_argument("--data", type=Path, help="repository directory to use (created if empty; kept)")
+    p.add_argument("--encryption-cost", action="store_true",
+                   help="only measure the cost of encryption: store, read, HTTP ingest and raw restore, unencrypted "
+                        "vs encrypted on the same data (uses --ingest-mib and --reps)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of --encryption-cost (default 3)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"JSON output (default {DEFAULT_JSON})")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
@@ -439,7 +605,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes]:
                  ("ingest_mib", "virtual_gib", "present_digests", "missing_calls", "commit_reps")}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     if (sizes.ingest_mib < 8 or sizes.virtual_gib < 1 or sizes.present_digests < MISSING_BATCH // 2
-            or sizes.missing_calls < 1 or sizes.commit_reps < 1):
+            or sizes.missing_calls < 1 or sizes.commit_reps < 1 or args.reps < 1):
         p.error(f"sizes too small: ingest ≥ 8 MiB, virtual ≥ 1 GiB, present digests ≥ {MISSING_BATCH // 2}, "
                 "calls and repetitions ≥ 1")
     return args, sizes
@@ -469,6 +635,8 @@ async def drive(server: ChunkyardServer, meter: PhaseMeter, sizes: Sizes, ingest
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, sizes = parse_args(argv)
+    if args.encryption_cost:
+        return encryption_main(args, sizes, argv)
     began = time.perf_counter()
     info = machine_info()
     run = secrets.token_hex(4)

@@ -311,6 +311,8 @@ def cmd_restore(args: argparse.Namespace) -> None:
 
 def cmd_stats(args: argparse.Namespace) -> None:
     def table(s: dict) -> None:
+        for warning in s.pop("warnings", []):
+            print(f"WARNING: {warning}\n")
         for key, value in s.items():
             shown = format_size(value) if key.endswith("_bytes") or key == "chunk_size" else value
             print(f"{key:<20}{shown}")

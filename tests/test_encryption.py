@@ -4,15 +4,17 @@ and the paper key work and fail clearly; unencrypted repositories keep working; 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from chunkyard.wire import digest
+from chunkyard.wire import ApiError, digest
 from repo_server.engine import Repository, init_repository
 from repo_server.engine.chunk_store import NewChunk
 from repo_server.engine.codec import CodecError
@@ -21,6 +23,7 @@ from tests.conftest import ROOT, ServerProcess
 from tests.helpers import MiB, backup, chunks_of, make_disk, restore
 
 SECRET = b"PAYROLL-2026-CONFIDENTIAL-Alice-Bob-"
+NOTE = "legal hold: CASE-4711-Alice-v-Bob"
 PASS = {"CHUNKYARD_PASSPHRASE": "correct horse battery staple"}
 
 
@@ -53,10 +56,14 @@ async def test_stolen_data_directory_reveals_nothing(sealed_server: ServerProces
         point = await backup(admin, "vm-payroll", {"d0": disk})
         await admin.put_blob((await admin.create_session(host="h", vm={"id": "vm-x"}, disks=[
             {"disk_id": "d0", "size": 10}]))["session_id"], "vm.vmcx", SECRET * 10)
-        assert (await admin.repository())["encryption"] == "aes-256-gcm"
+        await admin.protect(point["point_id"], note=NOTE)
+        stats = await admin.repository()
+        assert (stats["encryption"], stats["warnings"]) == ("aes-256-gcm", [])
+        shown = cli("stats", "--server", sealed_server.url, "--token", sealed_server.admin_token)
+        assert shown.returncode == 0 and "WARNING" not in shown.stdout
     sealed_server.stop()
     assert not (sealed_server.data / "repo.key").exists()  # the key exists only wrapped by the passphrase
-    needles = [SECRET, SECRET[::-1]]
+    needles = [SECRET, SECRET[::-1], NOTE.encode(), b'"since"']
     for piece in chunks_of(disk, MiB):
         if any(piece):
             needles += [digest(piece), digest(piece).hex().encode()]
@@ -66,6 +73,22 @@ async def test_stolen_data_directory_reveals_nothing(sealed_server: ServerProces
     sealed_server.start()
     async with sealed_server.client() as admin:
         assert await restore(admin, point["point_id"], "d0") == disk
+        assert (await admin.point(point["point_id"]))["protection"]["note"] == NOTE
+
+
+async def test_plain_protection_markers_of_older_versions(sealed_server: ServerProcess) -> None:
+    """A marker written in plain JSON (before markers were sealed) still protects, and is sealed at startup."""
+    async with sealed_server.client() as admin:
+        point = await backup(admin, "vm1", {"d0": make_disk("r", seed=5)})
+    sealed_server.stop()
+    marker = sealed_server.data / "points" / "vm1" / f"{point['point_id']}.protect"
+    marker.write_text(json.dumps({"note": NOTE, "since": 1700000000.0}))
+    sealed_server.start()
+    async with sealed_server.client() as admin:
+        assert (await admin.point(point["point_id"]))["protection"] == {"note": NOTE, "since": 1700000000.0}
+        with pytest.raises(ApiError, match="protected"):
+            await admin.delete_point(point["point_id"])
+    assert NOTE.encode() not in marker.read_bytes()
 
 
 def test_wrong_or_missing_passphrase_is_clear_and_changes_nothing(tmp_path: Path) -> None:
@@ -132,11 +155,19 @@ async def test_unencrypted_repository_still_works(tmp_path: Path) -> None:
         disk = secret_disk()
         async with srv.client() as admin:
             point = await backup(admin, "vm1", {"d0": disk})
-            assert (await admin.repository())["encryption"] == "none"
+            stats = await admin.repository()
+            assert stats["encryption"] == "none"
+            assert [w.split(":")[0] for w in stats["warnings"]] == ["the repository is not encrypted"]
             assert await restore(admin, point["point_id"], "d0") == disk
+            await admin.protect(point["point_id"], note=NOTE)
+        shown = cli("stats", "--server", srv.url, "--token", srv.admin_token)
+        assert shown.returncode == 0 and shown.stdout.startswith("WARNING: the repository is not encrypted: ")
+        assert "warnings" not in shown.stdout  # shown once, on top, not as a row of the table
     finally:
         srv.stop()
     assert any(SECRET in data for _, data in tree_bytes(data / "packs"))  # the warning was not idle
+    marker = data / "points" / "vm1" / f"{point['point_id']}.protect"
+    assert json.loads(marker.read_bytes())["note"] == NOTE  # unencrypted repositories keep plain JSON
 
 
 def test_mixed_records_and_files_are_refused(tmp_path: Path) -> None:
@@ -162,3 +193,17 @@ def test_mixed_records_and_files_are_refused(tmp_path: Path) -> None:
     master = os.urandom(32)
     assert from_paper(paper_key(master)) == master
     assert hashlib.sha256(master).digest() != hashlib.sha256(keyring.master or b"").digest()
+
+
+def test_chunk_ids_per_thread_contexts() -> None:
+    """Chunk ids reuse one AES context per thread: every thread converts correctly, and an input that is not
+    whole digests is refused before it could leave a partial block behind in the context."""
+    keyring = Keyring(os.urandom(32))
+    digests = b"".join(digest(bytes([i])) for i in range(64))
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: keyring.ids(digests), range(64)))
+        back = list(pool.map(keyring.digests, ids))
+    assert len(set(ids)) == 1 and ids[0] != digests and all(b == digests for b in back)
+    with pytest.raises(ValueError, match="whole 32-byte digests"):
+        keyring.ids(digests[:40])
+    assert keyring.ids(digests) == ids[0]  # the refused call left nothing behind

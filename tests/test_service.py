@@ -22,13 +22,11 @@ def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_openapi_documents_exactly_the_routes() -> None:
     app = create_app(load_config())
-    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
-    routed = {(m, p.removeprefix("/api/v1")) for m, p in routes if p.startswith("/api/v1/")}
+    routed = {(r.method.lower(), r.resource.canonical)
+              for r in app.router.routes() if r.method != "HEAD"}
     doc = openapi_document()
     documented = {(m, p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     assert routed == documented
-    # Outside the API there is only the dashboard's static pages.
-    assert {p for _, p in routes if not p.startswith("/api/v1/")} == {"/", "/ui", "/ui/{path}"}
 
 
 async def test_health_openapi_metrics_and_stats(server: ServerProcess, admin: Client) -> None:
@@ -38,7 +36,7 @@ async def test_health_openapi_metrics_and_stats(server: ServerProcess, admin: Cl
     await backup(admin, "vm1", {"d0": b"\x01" * 5000})
     resp = await admin._request("GET", "/metrics")
     text = await resp.text()
-    assert "chunkyard_point_count 1" in text and 'route="/api/v1/sessions"' in text
+    assert "chunkyard_point_count 1.0" in text and 'route="/api/v1/sessions"' in text
     stats = await admin.repository()
     assert stats["chunk_count"] == 2 and stats["logical_bytes"] == 1 << 20  # the data chunk + its page
 

@@ -26,6 +26,7 @@ from repo_server.engine import Repository, rebuild_index
 from repo_server.engine.durable import write_atomic
 from repo_server.engine.keyring import KeyProblem, Keyring, fingerprint, from_paper, save_key, unwrap
 from repo_server.engine.pack import fsync_dir, read_trailer
+from repo_server.engine.points import open_marker
 
 from .layout import DESCRIPTOR, PACKS, POINTS, RETENTION, WRAPPED_KEY, is_point, local_path, pack_id_of
 from .retry import Backoff
@@ -111,7 +112,8 @@ def usable(key: str, path: Path, keyring: Keyring) -> bool:
         if key == DESCRIPTOR:
             return "repository_id" in tomllib.loads(path.read_text())
         raw = path.read_bytes()
-        json.loads(keyring.open_file(raw, str(path)) if is_point(key) else raw)
+        json.loads(keyring.open_file(raw, str(path)) if is_point(key) else
+                   open_marker(keyring, raw, str(path)) if key.endswith(".protect") else raw)
         return True
     except (KeyProblem, ValueError):
         return False

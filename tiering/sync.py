@@ -44,6 +44,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from repo_server.engine.chunk_store import PACK_KEY
 from repo_server.engine.pack import pack_path
 
@@ -90,6 +92,7 @@ class TierStatus:
     last_error_time: float | None = None
     last_cycle: float | None = None  # when the last cycle ended
     synced_at: float | None = None  # start of the last cycle that left nothing local out of the cloud
+    oldest_pending: float | None = None  # creation time of the oldest pack or point that cycle found pending
 
 
 class TierWorker:
@@ -159,6 +162,7 @@ class TierWorker:
         self.status.state, self.status.error = "idle", None
         if done:
             self.status.synced_at = started
+            self.status.oldest_pending = None
         return done
 
     # ---------------------------------------------------------------- one cycle
@@ -192,6 +196,7 @@ class TierWorker:
             self.status.pending_points = len(points_todo)
             self.status.pending_files = len(files_todo)
             self.status.pending_deletes = len(packs_gone) + len(files_gone)
+            self.status.oldest_pending = self._oldest(packs_todo, points_todo)
 
         if not self._upload_packs(packs_todo) or (waiting and not sealing):
             self._wake.set()  # GC removed a pack before it went up, or no seal yet: go again at once
@@ -205,6 +210,18 @@ class TierWorker:
         self._delete_gone(files_gone, packs_gone)
         self._extend_retention(packs)
         return True
+
+    def _oldest(self, packs_todo: list[int], points_todo: list[str]) -> float | None:
+        """When the oldest pending object came to be: a point's id starts with its creation time in ms;
+        pack ids grow, so the first pending pack is the oldest (its file's mtime is when it was sealed)."""
+        times = []
+        for key in points_todo:
+            with contextlib.suppress(ValueError):  # a file not named by us
+                times.append(int(key.rsplit("/", 1)[-1][:12], 16) / 1000)
+        if packs_todo:
+            with contextlib.suppress(FileNotFoundError):  # GC removed it since the snapshot
+                times.append(pack_path(self.repo.chunks.root, packs_todo[0]).stat().st_mtime)
+        return min(times, default=None)
 
     def _local_packs(self) -> dict[int, dict]:
         return {PACK_KEY.unpack(k)[0]: json.loads(v) for k, v in self.repo.index.scan("packs")}
@@ -444,9 +461,10 @@ class TierSync:
     def status(self) -> list[dict]:
         return [asdict(w.status) for w in self.workers]
 
-    def metrics_lines(self) -> list[str]:
-        """Prometheus lines: the lag (what is not in the cloud yet) and the counters, per tier."""
-        gauges = {
+    def metric_families(self) -> Iterable[Metric]:
+        """Per tier, at scrape time: the lag (what is not in the cloud yet, and how old the oldest of it is)
+        and the counters since the server started."""
+        fields = {
             "pending_packs": ("gauge", "Sealed packs not yet in the tier."),
             "pending_bytes": ("gauge", "Bytes of sealed packs not yet in the tier."),
             "pending_points": ("gauge", "Restore points not yet in the tier."),
@@ -455,11 +473,17 @@ class TierSync:
             "errors": ("counter", "Failed sync cycles since the server started."),
             "synced_at": ("gauge", "Unix time: everything local at this moment is in the tier."),
         }
-        lines = []
-        for name, (kind, help_text) in gauges.items():
-            metric = f"chunkyard_tier_{name}" + ("_total" if kind == "counter" else "")
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        for name, (kind, help_text) in fields.items():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                f"chunkyard_tier_{name}", help_text, labels=["tier"])
             for worker in self.workers:
-                value = getattr(worker.status, name) or 0
-                lines.append(f'{metric}{{tier="{worker.tier.name}"}} {value}')
-        return lines
+                family.add_metric([worker.tier.name], getattr(worker.status, name) or 0)
+            yield family
+        age = GaugeMetricFamily("chunkyard_tier_oldest_pending_age_seconds",
+                                "Age of the oldest pack or point the last cycle found not yet in the tier "
+                                "(0 when it found none).", labels=["tier"])
+        now = time.time()
+        for worker in self.workers:
+            oldest = worker.status.oldest_pending
+            age.add_metric([worker.tier.name], max(0.0, now - oldest) if oldest else 0.0)
+        yield age

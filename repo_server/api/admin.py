@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from chunkyard import __version__
 from tiering.sync import TierSync
@@ -53,35 +54,9 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 @roles("admin", "reader")
 async def metrics(request: web.Request) -> web.Response:
-    stats = await run(request, request.app[REPO].stats)
-    m = request.app[METRICS]
-    lines = [
-        "# HELP chunkyard_up_seconds Seconds since the server started.",
-        "# TYPE chunkyard_up_seconds gauge",
-        f"chunkyard_up_seconds {time.time() - m.started:.3f}",
-    ]
-    gauges = {
-        "logical_bytes": "Bytes of data protected by all restore points (allocated chunks).",
-        "unique_bytes": "Uncompressed bytes of unique stored chunks.",
-        "stored_bytes": "Bytes the chunks take in packs.",
-        "chunk_count": "Unique chunks stored.",
-        "pack_count": "Pack files.",
-        "point_count": "Restore points.",
-        "vm_count": "VMs with at least one restore point.",
-    }
-    for name, help_text in gauges.items():
-        lines += [f"# HELP chunkyard_{name} {help_text}", f"# TYPE chunkyard_{name} gauge",
-                  f"chunkyard_{name} {stats[name]}"]
-    lines += ["# HELP chunkyard_http_requests_total HTTP requests by route and status.",
-              "# TYPE chunkyard_http_requests_total counter"]
-    for (route, status), count in sorted(m.requests.items()):
-        lines.append(f'chunkyard_http_requests_total{{route="{route}",status="{status}"}} {count}')
-    lines += ["# HELP chunkyard_http_body_bytes_total Request and response body bytes of data endpoints.",
-              "# TYPE chunkyard_http_body_bytes_total counter",
-              f'chunkyard_http_body_bytes_total{{direction="in"}} {m.bytes_in}',
-              f'chunkyard_http_body_bytes_total{{direction="out"}} {m.bytes_out}']
-    lines += request.app[TIERS].metrics_lines()
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+    """Prometheus text format; also served at the root path /metrics, where scrapers look by default."""
+    body = await run(request, request.app[METRICS].exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @roles("admin", "reader")
@@ -103,6 +78,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/openapi.json", openapi)
     r.add_get("/api/v1/repository", repository)
     r.add_get("/api/v1/metrics", metrics)
+    r.add_get("/metrics", metrics)
     r.add_post("/api/v1/tokens", create_token)
     r.add_get("/api/v1/tokens", list_tokens)
     r.add_delete("/api/v1/tokens/{token_id}", revoke_token)

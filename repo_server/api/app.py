@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,8 @@ from tiering.sync import TierSync
 
 from . import admin, catalog, dashboard, jobs, retention, sessions
 from .admin import TIERS
-from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
+from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError
+from .metrics import Metrics, register_metric_source, repository_families
 from .signed import SIGNER, UrlSigner, load_secret
 
 log = logging.getLogger("chunkyard.server")
@@ -38,6 +40,7 @@ def _json_error(status: int, code: str, message: str, headers: dict | None = Non
 async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     status = 500
+    began = time.perf_counter()
     try:
         allowed = getattr(handler, "allowed_roles", None)
         if allowed is not None:
@@ -86,7 +89,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
             raise
         return _json_error(500, "internal", "the server failed on this request; its log has the details")
     finally:
-        request.app[METRICS].requests[(route, status)] += 1
+        request.app[METRICS].request_done(route, request.method, status, time.perf_counter() - began)
 
 
 def create_app(config: ServerConfig, repo: Repository | None = None, passphrase: str | None = None
@@ -96,6 +99,8 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[TIERS] = TierSync(parse_tiers(config.tiers))  # a bad [[tier]] table fails here, before serving
+    register_metric_source(app, lambda: repository_families(app[REPO]))
+    register_metric_source(app, app[TIERS].metric_families)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="chunkyard")

@@ -148,7 +148,7 @@ def raw_pieces(image: DiskImage, start: int, stop: int) -> Iterator[Piece]:
 
 
 async def stream_pieces(request: web.Request, image: DiskImage, resp: web.StreamResponse,
-                        pieces: Iterable[Piece]) -> None:
+                        pieces: Iterable[Piece], fmt: str) -> None:
     """Write pieces in order; chunks are located in batches and read, decompressed and verified
     ahead of the socket on the thread pool."""
     loop = asyncio.get_running_loop()
@@ -164,7 +164,7 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
         if lo + n > len(data):  # the sector padding after an odd-sized disk's last chunk
             data = data.ljust(lo + n, b"\0")
         await resp.write(data if lo == 0 and n == len(data) else memoryview(data)[lo : lo + n])
-        metrics.bytes_out += n
+        metrics.restored(n, fmt)
 
     try:
         for piece in pieces:
@@ -241,7 +241,7 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
         return resp
     request[STREAMING] = True
     pieces = layout.pieces(start, stop) if fmt == "vhdx" else raw_pieces(image, start, stop)
-    await stream_pieces(request, image, resp, pieces)
+    await stream_pieces(request, image, resp, pieces, fmt)
     await resp.write_eof()
     return resp
 

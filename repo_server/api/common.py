@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -17,22 +14,15 @@ from chunkyard.config import ServerConfig
 from repo_server.engine import Repository
 from repo_server.engine.tokens import TokenInfo
 
+from .metrics import METRICS
+
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Metrics:
-    started: float = field(default_factory=time.time)
-    requests: Counter = field(default_factory=Counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
 
 
 CONFIG = web.AppKey("config", ServerConfig)
 REPO = web.AppKey("repo", Repository)
 POOL = web.AppKey("pool", ThreadPoolExecutor)
-METRICS = web.AppKey("metrics", Metrics)
 TOKEN = web.RequestKey("token", TokenInfo)  # the caller's token
 STREAMING = web.RequestKey("streaming", bool)  # set once a streamed response has sent its headers
 
@@ -84,7 +74,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         if total > limit:
             raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
         parts.append(part)
-    request.app[METRICS].bytes_in += total
+    request.app[METRICS].received(total)
     return b"".join(parts)
 
 

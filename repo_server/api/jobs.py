@@ -17,7 +17,7 @@ from aiohttp import web
 
 from repo_server.engine import EngineError
 
-from .common import REPO, ApiError, read_json, roles
+from .common import METRICS, REPO, ApiError, read_json, roles
 
 log = logging.getLogger("chunkyard.jobs")
 KEEP = 100  # finished jobs remembered
@@ -45,7 +45,8 @@ class Job:
 class JobManager:
     """One maintenance thread: jobs queue behind each other instead of fighting for the disk."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_finish: Callable[[Job, str], None] | None = None) -> None:
+        self._on_finish = on_finish  # metrics: told of every job's outcome
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maintenance")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._ids = itertools.count(1)
@@ -59,16 +60,20 @@ class JobManager:
                 self._jobs.popitem(last=False)
 
         def run() -> None:
+            state = "failed"
             try:
                 job.result = work(job)
-                job.state = "done"
+                state = "done"
             except EngineError as e:
-                job.state, job.error = "failed", e.message
+                job.error = e.message
             except Exception as e:  # a job must report, never vanish
                 log.exception("job %s failed", job.id)
-                job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+                job.error = f"{type(e).__name__}: {e}"
             finally:
                 job.finished = time.time()
+                if self._on_finish is not None:
+                    self._on_finish(job, state)
+                job.state = state  # last: whoever sees the job ended sees its result and its metrics
 
         asyncio.get_running_loop().run_in_executor(self._pool, run)
         return job
@@ -131,7 +136,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app[JOBS] = JobManager()
+    app[JOBS] = JobManager(lambda job, state: app[METRICS].job_finished(
+        job.kind, state, job.started, job.finished, job.public()["result"]))
 
     async def stop_jobs(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, app[JOBS].shutdown)

@@ -15,15 +15,20 @@ OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "bi
 ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 JSON_OBJ = {"application/json": {"schema": {"type": "object"}}}
 
-# path -> method -> (summary, roles or None for public, request body, success status, success content)
+METRICS_OP = ("Prometheus text format (also at the root path /metrics, where scrapers look by default): request "
+              "counts and latencies, ingest and restore bytes, repository sizes and ratios, last backup per VM, tier "
+              "lag, maintenance job results, process RSS", ["admin", "reader"], None, 200,
+              {"text/plain": {"schema": {"type": "string"}}})
+
+# path (under /api/v1) -> method -> (summary, roles or None for public, request body, success status, success content)
 OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = {
     "/health": {"get": ("Liveness and version", None, None, 200, JSON_OBJ)},
     "/openapi.json": {"get": ("This document", None, None, 200, JSON_OBJ)},
     "/repository": {"get": ("Chunk size, repository id and stats: logical, unique and stored bytes, dedup and "
-                            "compression ratios, chunk, pack and point counts",
+                            "compression ratios, chunk, pack and point counts; `encryption` (\"none\" or the "
+                            "scheme) and `warnings` (e.g. an unencrypted repository; empty when all is well)",
                             ["admin", "reader", "collector"], None, 200, JSON_OBJ)},
-    "/metrics": {"get": ("Prometheus text exposition", ["admin", "reader"], None, 200,
-                         {"text/plain": {"schema": {"type": "string"}}})},
+    "/metrics": {"get": METRICS_OP},
     "/tokens": {
         "post": ("Create a token; the token is shown only in this answer", ["admin"],
                  {"$ref": "#/components/schemas/TokenRequest"}, 201, JSON_OBJ),
@@ -183,9 +188,22 @@ def _operation(summary: str, roles: list[str] | None, body: Any, status: int, co
     return op
 
 
+# Routes outside /api/v1, by their full path.
+DASHBOARD_REDIRECT = ("Redirects to the web dashboard at /ui/", None, None, 302, None)
+ROOT_OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = {
+    "/metrics": {"get": METRICS_OP},
+    "/": {"get": DASHBOARD_REDIRECT},
+    "/ui": {"get": DASHBOARD_REDIRECT},
+    "/ui/{path}": {"get": ("The web dashboard's static files (public; they hold no data)", None, None, 200,
+                           {"text/html": {"schema": {"type": "string"}}})},
+}
+
+
 def openapi_document() -> dict:
+    """Paths are full (the API under /api/v1, a few routes at the root), so the server URL is "/"."""
     paths: dict[str, dict] = {}
-    for path, methods in OPERATIONS.items():
+    every = [(f"/api/v1{path}", methods) for path, methods in OPERATIONS.items()] + list(ROOT_OPERATIONS.items())
+    for path, methods in every:
         item: dict[str, Any] = {}
         for method, spec in methods.items():
             item[method] = _operation(*spec)
@@ -199,7 +217,7 @@ def openapi_document() -> dict:
         "info": {"title": "Chunkyard repository server", "version": __version__,
                  "description": "Deduplicating backup repository for Hyper-V fleets. Binary bodies are "
                                 "little-endian. Errors are JSON {error, message}."},
-        "servers": [{"url": "/api/v1"}],
+        "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": SCHEMAS},
         "paths": paths,

@@ -9,7 +9,7 @@ from aiohttp import web
 from chunkyard.wire import FrameError, decode_frames
 from repo_server.engine.sessions import verify_frames
 
-from .common import CONFIG, POOL, REPO, ApiError, read_body, read_json, roles, run, token_of
+from .common import CONFIG, METRICS, POOL, REPO, ApiError, read_body, read_json, roles, run, token_of
 
 MiB = 1 << 20
 
@@ -69,6 +69,8 @@ async def upload_chunks(request: web.Request) -> web.Response:
     ))
     chunks = [c for part in parts for c in part]
     result = await run(request, repo.sessions.store_chunks, sid, chunks)
+    request.app[METRICS].ingested(result.stored, result.duplicate, result.raw_bytes,
+                                  sum(c.raw_len for c in chunks) - result.raw_bytes, result.bytes)
     return web.json_response({"stored": result.stored, "duplicate": result.duplicate, "bytes": result.bytes})
 
 

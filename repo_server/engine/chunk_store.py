@@ -53,8 +53,8 @@ class NewChunk:
 class PutResult:
     stored: int = 0
     duplicate: int = 0
-    bytes: int = 0
-    stored_digests: list[bytes] = field(default_factory=list)
+    bytes: int = 0  # written to packs for the new chunks (compressed, sealed)
+    raw_bytes: int = 0  # uncompressed bytes of the new chunks
 
 
 @dataclass
@@ -216,7 +216,7 @@ class ChunkStore:
                 touched_packs[writer.pack_id] = writer
                 result.stored += 1
                 result.bytes += len(stored)
-                result.stored_digests.append(chunk.digest)
+                result.raw_bytes += chunk.raw_len
                 if writer.size >= self.pack_size:
                     writer.seal()
                     writer.close()

@@ -19,8 +19,10 @@ import base64
 import json
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -71,6 +73,20 @@ class Keyring:
         if self.master is not None:
             object.__setattr__(self, "_aead", AESGCM(self._subkey("record sealing")))
             object.__setattr__(self, "_ids", Cipher(algorithms.AES(self._subkey("chunk ids")), modes.ECB()))
+            object.__setattr__(self, "_contexts", threading.local())
+
+    def _context(self, kind: str, data: bytes) -> Any:
+        """This thread's ECB encryptor or decryptor. ECB keeps no state between whole blocks, so one context
+        serves every call; creating one per chunk read cost half as much CPU as its AES-GCM (RESULTS.md)."""
+        if len(data) % DIGEST_LEN:  # a partial block would stay in the context and shift every later answer
+            raise ValueError(f"chunk ids convert whole {DIGEST_LEN}-byte digests; got {len(data)} bytes")
+        local = self._contexts  # type: ignore[attr-defined]
+        ctx = getattr(local, kind, None)
+        if ctx is None:
+            ids = self._ids  # type: ignore[attr-defined]
+            ctx = ids.encryptor() if kind == "enc" else ids.decryptor()
+            setattr(local, kind, ctx)
+        return ctx
 
     # ------------------------------------------------------------------ chunk ids
 
@@ -78,15 +94,13 @@ class Keyring:
         """Digests back to back -> ids back to back (ZERO entries stay ZERO)."""
         if self.master is None or not digests:
             return digests
-        enc = self._ids.encryptor()  # type: ignore[attr-defined]
-        return self._keep_zero(digests, enc.update(digests) + enc.finalize())
+        return self._keep_zero(digests, self._context("enc", digests).update(digests))
 
     def digests(self, ids: bytes) -> bytes:
         """The inverse of `ids`."""
         if self.master is None or not ids:
             return ids
-        dec = self._ids.decryptor()  # type: ignore[attr-defined]
-        return self._keep_zero(ids, dec.update(ids) + dec.finalize())
+        return self._keep_zero(ids, self._context("dec", ids).update(ids))
 
     @staticmethod
     def _keep_zero(before: bytes, after: bytes) -> bytes:
@@ -105,12 +119,14 @@ class Keyring:
 
     def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE)
-        return nonce + self._aead.encrypt(nonce, bytes(data), aad)  # type: ignore[attr-defined]
+        return nonce + self._aead.encrypt(nonce, data, aad)  # type: ignore[attr-defined]
 
     def open(self, sealed: bytes | memoryview, aad: bytes) -> bytes:
-        """Raises InvalidTag when the bytes or their header were changed (handled like bit rot)."""
-        sealed = bytes(sealed)
-        return self._aead.decrypt(sealed[:NONCE], sealed[NONCE:], aad)  # type: ignore[attr-defined]
+        """Raises InvalidTag when the bytes or their header were changed (handled like bit rot).
+        Sliced through a memoryview: copying the body first cost more than the decryption (a fresh
+        half-MiB buffer per chunk is page-faulted in; see benchmarks/RESULTS.md, encryption cost)."""
+        view = memoryview(sealed)
+        return self._aead.decrypt(view[:NONCE], view[NONCE:], aad)  # type: ignore[attr-defined]
 
     def seal_file(self, data: bytes) -> bytes:
         """Whole small files (point records): magic, then a sealed body."""

@@ -2,7 +2,9 @@
 
 Files live at points/<vm_id>/<point_id>.json; a point file never changes. A protected point also has
 points/<vm_id>/<point_id>.protect (JSON {note, since}): that marker is the only copy of the protection,
-so an index rebuild keeps it. Index keys (CF `points`):
+so an index rebuild keeps it. In an encrypted repository both are sealed (keyring.seal_file); a plain
+marker written before markers were sealed is still read, and sealed when the repository opens.
+Index keys (CF `points`):
     p:<point_id>            the record
     v:<vm_id>\\0<point_id>   membership, sorted by time (point ids are time-ordered)
     m:<vm_id>               the VM's summary (name, host, latest point, count)
@@ -23,7 +25,7 @@ from .durable import write_atomic
 from .errors import Conflict, NotFound
 from .faults import crash_point
 from .index import U64, Batch, Index
-from .keyring import Keyring
+from .keyring import SEALED_MAGIC, Keyring
 from .names import check_hex_id, check_name
 from .pack import fsync_dir
 
@@ -72,6 +74,9 @@ def vm_view(summary: dict) -> dict:
     bytes its backups added to the repository (None before any were added)."""
     added = summary.get("new_bytes", 0)
     return summary | {"dedup_ratio": round(summary.get("logical_bytes", 0) / added, 3) if added > 0 else None}
+def open_marker(keyring: Keyring, data: bytes, name: str) -> bytes:
+    """A protection marker's JSON. Plain ones are accepted even when encrypted: older versions wrote them so."""
+    return keyring.open_file(data, name) if data.startswith(SEALED_MAGIC) else data
 
 
 class PointStore:
@@ -92,8 +97,8 @@ class PointStore:
     def _with_protection(self, record: dict) -> dict:
         """The record plus its `protection` {note, since} when protected, read from the marker file."""
         with contextlib.suppress(FileNotFoundError):
-            record["protection"] = json.loads(self.protection_path(record["vm"]["id"], record["point_id"])
-                                              .read_bytes())
+            path = self.protection_path(record["vm"]["id"], record["point_id"])
+            record["protection"] = json.loads(open_marker(self.keyring, path.read_bytes(), str(path)))
         return record
 
     def set_protection(self, point_id: str, protected: bool, note: str = "") -> dict:
@@ -103,7 +108,7 @@ class PointStore:
             record = self.get(point_id)
             marker = self.protection_path(record["vm"]["id"], point_id)
             if protected:
-                write_atomic(marker, json.dumps({"note": note, "since": time.time()}).encode())
+                write_atomic(marker, self.keyring.seal_file(json.dumps({"note": note, "since": time.time()}).encode()))
             elif marker.exists():
                 marker.unlink()
                 fsync_dir(marker.parent)
@@ -201,6 +206,12 @@ class PointStore:
         self.point_count -= 1
         self._put_counters(batch)
 
+    def _seal_plain_marker(self, path: Path) -> None:
+        """Seal a marker an older version left in plain JSON, so its note is not readable at rest."""
+        data = path.read_bytes()
+        if not data.startswith(SEALED_MAGIC):
+            write_atomic(path, self.keyring.seal_file(data))
+
     def recover(self) -> tuple[list[dict], int]:
         """Index point files the index lacks; drop index entries whose file is gone.
 
@@ -213,6 +224,8 @@ class PointStore:
                     for entry in os.scandir(vm_dir.path):
                         if entry.name.endswith(".json") and not entry.name.startswith("."):
                             on_disk[entry.name[:-5]] = Path(entry.path)
+                        elif entry.name.endswith(".protect") and self.keyring.encrypted:
+                            self._seal_plain_marker(Path(entry.path))
         indexed = {k[2:].decode() for k, _ in self.index.scan("points", b"p:")}
         added = []
         with self._lock:

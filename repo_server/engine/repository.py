@@ -232,7 +232,15 @@ class Repository:
             "pack_count": c.pack_count,
             "point_count": p.point_count,
             "vm_count": len(p.vms()),
+            "warnings": self.warnings(),
         }
+
+    def warnings(self) -> list[str]:
+        """What an admin must know and fix, shown by /repository, `chunkyard stats` and the dashboard."""
+        if self.descriptor.encryption == "none":
+            return ["the repository is not encrypted: its disks and any cloud tier hold every VM's data in the "
+                    "clear. Create an encrypted repository (`chunkyard init`, the default) and back up into it"]
+        return []
 
 
 def rebuild_index(data: Path, passphrase: str | None = None) -> dict:

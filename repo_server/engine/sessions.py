@@ -231,10 +231,8 @@ class SessionStore:
         chunks = [NewChunk(i, c.flags, c.raw_len, c.stored) for i, c in zip(ids, chunks, strict=True)]
         self.pin(sid, ids)
         result = self.repo.chunks.put(chunks)
-        stored = set(result.stored_digests)
-        new_raw = sum(c.raw_len for c in chunks if c.digest in stored)
         self._add_stats(sid, uploaded_chunks=result.stored, duplicate_chunks=result.duplicate,
-                        new_bytes=new_raw, stored_bytes=result.bytes)
+                        new_bytes=result.raw_bytes, stored_bytes=result.bytes)
         return result
 
     def map(self, sid: str, disk_id: str, body: bytes) -> int:

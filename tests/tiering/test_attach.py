@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from chunkyard.wire import Client
 from tests.conftest import ROOT, ServerProcess
@@ -62,7 +63,9 @@ async def test_copy_then_attach_after_losing_the_site(tmp_path: Path, emulators:
             (tier,) = json.loads(synced.stdout)
             assert (tier["pending_packs"], tier["pending_points"], tier["error"]) == (0, 0, None)
             metrics = await (await client._request("GET", "/metrics")).text()
-            assert f'chunkyard_tier_pending_bytes{{tier="{kind}"}} 0' in metrics
+            lag = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                   if s.labels.get("tier") == kind}
+            assert lag["chunkyard_tier_pending_bytes"] == lag["chunkyard_tier_oldest_pending_age_seconds"] == 0
             before = await catalog(client)
         if kind == "s3":
             exported = cli("key", "export", "--paper", "--data", str(site), env=env)

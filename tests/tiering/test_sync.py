@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tiering.attach import attach, usable
 from tiering.layout import local_path, pack_id_of, pack_key
 from tiering.stores.base import Store
 from tiering.stores.faulty import Fault, FaultyStore
-from tiering.sync import TierWorker
+from tiering.sync import TierSync, TierWorker
 
 
 def bucket_repository(store: Store, live: Live, target: Path) -> tuple[dict, set[str]]:
@@ -49,6 +50,13 @@ def bucket_repository(store: Store, live: Live, target: Path) -> tuple[dict, set
     finally:
         repo.close()
         shutil.rmtree(target)
+
+
+def lag_age(tiers: TierSync) -> float:
+    """chunkyard_tier_oldest_pending_age_seconds of the only tier, as /metrics would show it."""
+    (family,) = [f for f in tiers.metric_families() if f.name == "chunkyard_tier_oldest_pending_age_seconds"]
+    (sample,) = family.samples
+    return sample.value
 
 
 async def cycle(worker: TierWorker) -> bool:
@@ -97,11 +105,20 @@ async def test_copy_uploads_everything_once(live: Live, emulators: Emulators, ki
 
 async def test_points_wait_for_their_packs(live: Live, emulators: Emulators) -> None:
     store = FaultyStore(emulators.store("s3"), [Fault("error", op="put", key="packs/")])
-    await backup(live.client, "vm1", {"d0": make_disk("rrrr", CHUNK)})
+    began = time.time()
+    first = await backup(live.client, "vm1", {"d0": make_disk("rrrr", CHUNK)})
     worker = live.worker(store)
     assert not await cycle(worker)
     assert worker.status.state == "error" and "injected error" in worker.status.error
     assert worker.status.pending_points == 1 and worker.status.pending_packs > 0
+    # The lag's age: since the first pack filled during the backup, at the latest since the point's commit
+    # (its id holds that time).
+    assert began - 0.01 <= worker.status.oldest_pending <= int(first["point_id"][:12], 16) / 1000
+    tiers = TierSync([], stores=[])
+    tiers.workers = [worker]
+    before = time.time()
+    age = lag_age(tiers)
+    assert 0 < before - worker.status.oldest_pending <= age <= time.time() - worker.status.oldest_pending
     assert not [i for i in store.inner.list() if i.key.startswith("points/")]
 
     await backup(live.client, "vm2", {"d0": make_disk("rr", CHUNK, seed=9)})
@@ -113,6 +130,7 @@ async def test_points_wait_for_their_packs(live: Live, emulators: Emulators) -> 
     assert not [i for i in store.inner.list() if i.key.startswith("points/")]
     assert await cycle(worker)  # ...the next one seals and uploads the points
     assert len([i for i in store.inner.list() if i.key.startswith("points/")]) == 2
+    assert worker.status.oldest_pending is None and lag_age(tiers) == 0
 
 
 async def test_gc_deletions_reach_the_cloud(live: Live, emulators: Emulators, kind: str, tmp_path: Path) -> None:
