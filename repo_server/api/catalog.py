@@ -19,7 +19,8 @@ from repo_server.engine.points import public
 from repo_server.engine.restore import DiskImage, find_disk
 from repo_server.engine.verify import verify_status
 
-from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, token_of
+from .audit import audited, note
+from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, scope, token_of
 
 log = logging.getLogger("chunkyard.restore")
 READ_AHEAD = 8  # chunks decompressed and verified ahead of the socket
@@ -29,7 +30,7 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 @roles("admin", "reader")
 async def list_vms(request: web.Request) -> web.Response:
-    return web.json_response({"vms": await run(request, request.app[REPO].points.vms)})
+    return web.json_response({"vms": await run(request, request.app[REPO].points.vms, scope(request))})
 
 
 def shown(repo: Repository, record: dict) -> dict:
@@ -40,26 +41,28 @@ def shown(repo: Repository, record: dict) -> dict:
 @roles("admin", "reader")
 async def list_points(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    points = await run(request, repo.points.of_vm, request.match_info["vm_id"])
+    points = await run(request, repo.points.of_vm, request.match_info["vm_id"], scope(request))
     return web.json_response({"points": [shown(repo, p) for p in points]})
 
 
 @roles("admin", "reader")
 async def get_point(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    return web.json_response(shown(repo, repo.points.get(request.match_info["pid"])))
+    return web.json_response(shown(repo, repo.points.get(request.match_info["pid"], scope(request))))
 
 
 @roles("admin")
+@audited("point.delete", lambda request: request.match_info["pid"])
 async def delete_point(request: web.Request) -> web.Response:
-    await run(request, request.app[REPO].points.delete, request.match_info["pid"])
+    record = await run(request, request.app[REPO].points.delete, request.match_info["pid"], scope(request))
+    note(request, tenant=record.get("tenant", ""), vm=record["vm"]["id"])
     return web.Response(status=204)
 
 
 @roles("admin", "reader", "collector")
 async def get_map(request: web.Request) -> web.StreamResponse:
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     token = token_of(request)
     if token.role == "collector" and point["token_id"] != token.id:
         raise ApiError(403, "forbidden", "collectors may read only the maps of points they created")
@@ -97,7 +100,7 @@ async def get_map(request: web.Request) -> web.StreamResponse:
 @roles("admin", "reader")
 async def get_blob(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     data = await run(request, repo.read_blob, point, request.match_info["name"])
     return web.Response(body=data, content_type="application/octet-stream")
 
@@ -201,7 +204,7 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
 async def download(request: web.Request, fmt: str) -> web.StreamResponse:
     """A restore download (raw or VHDX) with single-range, ETag and If-Range support."""
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     disk_id = request.match_info["disk_id"]
     find_disk(point, disk_id)
     image = DiskImage(repo, point, disk_id)

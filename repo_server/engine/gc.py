@@ -6,7 +6,7 @@
    every open session's copied base roots, staged entries, `missing` pins and blobs; finally the pages
    of roots created or copied while GC ran (the barrier's page set).
 3. Sweep: every indexed chunk neither marked nor barriered leaves the index (under the barrier lock,
-   so it cannot be reported present at the same moment).
+   so it cannot be reported present at the same moment), and so does every tenant's possession of it.
 4. Compact: packs with no live bytes are deleted; sealed packs whose live fraction is under the
    threshold are rewritten into the open pack and deleted. Space comes back in the same run.
 """
@@ -171,6 +171,10 @@ class GarbageCollector:
                         dead.append(loc)
                 if dead:
                     self.repo.chunks.forget(dead)
+                    # Same lock: no upload can record possession of these between the two steps.
+                    gone = self.index.batch()
+                    self.repo.possession.forget([loc.record.digest for loc in dead], gone)
+                    self.index.write(gone)
             dead_set = {loc.record.digest for loc in dead}
             for d, v in batch:
                 if d not in dead_set:
