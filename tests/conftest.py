@@ -87,7 +87,7 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                context = ssl.create_default_context(cafile=self.cacert) if self.tls else None
+                context = ssl.create_default_context(cafile=self.cacert) if self.url.startswith("https://") else None
                 with urllib.request.urlopen(f"{self.url}/api/v1/health", timeout=1, context=context) as r:
                     if r.status == 200:
                         return
