@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from .common import REPO, TOKEN, ApiError, Handler, roles, run
 
 AUDIT = web.AppKey("audit", AuditLog)
 NOTES = web.RequestKey("audit_notes", dict)
+RECORDED = web.RequestKey("audit_recorded", threading.Event)  # set once the request's record is written
 
 
 def who(token: TokenInfo | None) -> dict:
@@ -66,16 +68,20 @@ def audited(action: str, target_of: Callable[[web.Request], str | None] = lambda
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def audited_handler(request: web.Request) -> web.StreamResponse:
+            request[RECORDED] = threading.Event()
             try:
-                response = await handler(request)
-            except Exception as e:
+                try:
+                    response = await handler(request)
+                except Exception as e:
+                    notes = request.get(NOTES, {})
+                    await audit(request, action, notes.pop("target", target_of(request)),
+                                tenant=notes.pop("tenant", None), outcome="failed", **notes, **_error_of(e))
+                    raise
                 notes = request.get(NOTES, {})
                 await audit(request, action, notes.pop("target", target_of(request)),
-                            tenant=notes.pop("tenant", None), outcome="failed", **notes, **_error_of(e))
-                raise
-            notes = request.get(NOTES, {})
-            await audit(request, action, notes.pop("target", target_of(request)), tenant=notes.pop("tenant", None),
-                        outcome=notes.pop("outcome", "ok"), **notes)
+                            tenant=notes.pop("tenant", None), outcome=notes.pop("outcome", "ok"), **notes)
+            finally:
+                request[RECORDED].set()
             return response
 
         audited_handler.audit_action = action  # type: ignore[attr-defined]
@@ -86,16 +92,22 @@ def audited(action: str, target_of: Callable[[web.Request], str | None] = lambda
 
 def audited_job(request: web.Request, action: str, target: str | None, work: Callable[[Any], Any]
                 ) -> Callable[[Any], Any]:
-    """Wrap a maintenance job's work so that its end is on record too (the start is the request's)."""
+    """Wrap a maintenance job's work so that its end is on record too, after the record of the request
+    that started it (an @audited handler's, which a quick job could otherwise overtake)."""
     log, token = request.app[AUDIT], request.get(TOKEN)
+    recorded = request.get(RECORDED) or threading.Event()
+    if RECORDED not in request:
+        recorded.set()
 
     def run_and_record(job: Any) -> Any:
         try:
             result = work(job)
         except Exception as e:
+            recorded.wait(30)
             log.append(who(token), action, target, tenant=token.tenant if token else "", outcome="failed",
                        job=job.id, **_error_of(e))
             raise
+        recorded.wait(30)
         log.append(who(token), action, target, tenant=token.tenant if token else "", outcome="done", job=job.id)
         return result
 

@@ -32,8 +32,11 @@ class AuditLog:
                   "outcome": outcome} | ({"details": details} if details else {})
         line = json.dumps(record, default=str).encode() + b"\n"
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash stays alone
+                    line = b"\n" + line
                 os.write(fd, line)
                 os.fsync(fd)
             finally:
