@@ -365,3 +365,48 @@ def test_offline_token_create_with_tenant_and_expiry(tmp_path: Path):
     bad = subprocess.run([sys.executable, "-m", "chunkyard.cli", "token", "create", "--data", str(data), "--role",
                           "reader", "--tenant", "Not Valid"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "tenant" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_pins_still_protect_a_tenants_present_chunks_from_gc(server: ServerProcess, admin: Client, tenants):
+    acme = tenants["acme"]
+    disk = make_disk("rrc", seed=31)
+    entries = list(enumerate(digest(p) for p in chunks_of(disk, CHUNK)))
+    first = await backup(acme.collector, "vm-a", {"d0": disk})
+    sid = await open_session(acme.collector, "vm-a", len(disk))
+    assert not any(await acme.collector.missing(sid, [d for _, d in entries]))  # present: possessed and stored
+    await admin.delete_point(first["point_id"])  # now only the session's pins hold the chunks
+    job = await admin.json("POST", "/admin/gc", {})
+    while job["state"] == "running":
+        job = await admin.job(job["id"])
+    assert job["state"] == "done", job
+    assert (await acme.collector.map(sid, "d0", entries))["mapped"] == 3
+    point = await acme.collector.commit(sid)
+    assert await restore(acme.reader, point["point_id"], "d0") == disk
+
+    # An operator backing up into acme's VM gives acme possession of what that point references.
+    other = make_disk("rr", seed=32)
+    await backup(admin, "vm-a", {"d0": other})
+    sid = await open_session(acme.collector, "vm-a", len(other))
+    assert not any(await acme.collector.missing(sid, [digest(p) for p in chunks_of(other, CHUNK)]))
+
+
+def test_token_store_keeps_expired_records(tmp_path: Path):
+    import time
+
+    from repo_server.engine import Invalid, Repository, init_repository
+
+    init_repository(tmp_path / "d", encrypt=False)
+    repo = Repository(tmp_path / "d")
+    try:
+        token, info = repo.tokens.create("reader", "soon", "acme", time.time() + 0.3)
+        assert repo.tokens.verify(token) == info and not info.expired()
+        time.sleep(0.4)
+        assert repo.tokens.verify(token) is None
+        assert repo.tokens.lookup(token) == info and info.expired()
+        assert [t.id for t in repo.tokens.list("acme")] == [info.id] and repo.tokens.list("globex") == []
+        with pytest.raises(Invalid):
+            repo.tokens.create("reader", "past", "", time.time() - 1)
+        assert repo.tokens.revoke(info.id) == info
+        assert repo.tokens.lookup(token) is None
+    finally:
+        repo.close()
