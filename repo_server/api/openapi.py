@@ -33,7 +33,9 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     },
     "/tokens/{token_id}": {"delete": ("Revoke a token (a tenant-scoped admin: of its own tenant only)", ["admin"],
                                       None, 204, None)},
-    "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests",
+    "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests. A VM id belongs to "
+                           "the tenant whose token first opened a session for it: another tenant's token gets 403 "
+                           "vm_not_yours",
                            ["admin", "collector"], {"$ref": "#/components/schemas/SessionRequest"}, 201, JSON_OBJ)},
     "/sessions/{sid}": {
         "get": ("Session state and counters (to resume an interrupted backup)", ["admin", "collector"], None, 200,
