@@ -410,3 +410,34 @@ def test_token_store_keeps_expired_records(tmp_path: Path):
         assert repo.tokens.lookup(token) is None
     finally:
         repo.close()
+
+
+async def test_gc_drops_possession_a_tenant_no_longer_references(server: ServerProcess, admin: Client, tenants):
+    """Upload a guessed chunk, abort, wait for a GC, ask `missing`: "present" would mean another tenant keeps
+    that chunk stored. GC drops possession that none of the tenant's points or open sessions reference."""
+    acme, globex = tenants["acme"], tenants["globex"]
+    secret = make_disk("rr", seed=41)
+    digests = [digest(p) for p in chunks_of(secret, CHUNK)]
+    await backup(acme.collector, "vm-a", {"d0": secret})
+    kept = await backup(globex.collector, "vm-g", {"d0": make_disk("r", seed=42)})
+    probe = await open_session(globex.collector, "vm-g", len(secret))
+    await globex.collector.upload(probe, [make_frame(p) for p in chunks_of(secret, CHUNK)])
+    assert not any(await globex.collector.missing(probe, digests))  # its own upload: possessed
+    await globex.collector.abort(probe)
+    holding = await open_session(globex.collector, "vm-g", len(secret))  # an open session that pinned one chunk
+    assert not any(await globex.collector.missing(holding, digests[:1]))
+    job = await admin.json("POST", "/admin/gc", {})
+    while job["state"] == "running":
+        job = await admin.job(job["id"])
+    assert job["state"] == "done", job
+    assert job["result"]["possession_dropped"] >= 1
+    assert job["result"]["swept_chunks"] == 0  # acme keeps both chunks stored
+    fresh = await open_session(globex.collector, "vm-g", len(secret))
+    bitmap = await globex.collector.missing(fresh, digests)
+    # The pinned chunk stays possessed (the open session relies on it); the other must be uploaded again.
+    assert [bitmap_get(bitmap, i) for i in range(2)] == [False, True]
+    assert (await globex.collector.map(holding, "d0", [(0, digests[0])]))["mapped"] == 1
+    # Possession backed by the tenant's own point survives.
+    own = digest(make_disk("r", seed=42))
+    assert not any(await globex.collector.missing(fresh, [own]))
+    assert kept["point_id"]

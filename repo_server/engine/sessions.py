@@ -127,7 +127,7 @@ class SessionStore:
         batch = self.index.batch()
         batch.put("sessions", f"s:{sid}".encode(), json.dumps(header).encode())
         base_disks = {d["disk_id"]: d for d in base["disks"]} if base else {}
-        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in base_disks.values() for p in d["pages"])
+        self.repo.barrier.touch_pages((bytes.fromhex(p) for d in base_disks.values() for p in d["pages"]), owner)
         for d in disks:
             b = base_disks.get(d["disk_id"])
             if b:
@@ -383,7 +383,7 @@ class SessionStore:
                                      "allocated_chunks": result.allocated_chunks,
                                      "changed_chunks": result.changed_chunks,
                                      "changed_bytes": result.changed_bytes})
-        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in disks for p in d["pages"])
+        self.repo.barrier.touch_pages((bytes.fromhex(p) for d in disks for p in d["pages"]), header.get("tenant", ""))
         crash_point("after_pages")
         blobs = {k.decode().split("/", 1)[1]: json.loads(v)
                  for k, v in self.index.scan("sessions", f"b:{sid}/".encode())}

@@ -10,6 +10,7 @@ Keys in CF `possession`: tenant_key(tenant) (8 bytes) | chunk id (32 bytes) -> b
 Keys in CF `meta`:       b"tenant:" + name -> tenant_key (the tenants that possess anything; GC uses it
                          to drop the possession of chunks it deletes).
 VM ownership lives with the points (CF `points`, key o:<vm_id> -> tenant): see PointStore.
+GC (gc.py) drops possession that none of the tenant's points or open sessions reference any more.
 """
 
 from __future__ import annotations
