@@ -441,3 +441,37 @@ async def test_gc_drops_possession_a_tenant_no_longer_references(server: ServerP
     own = digest(make_disk("r", seed=42))
     assert not any(await globex.collector.missing(fresh, [own]))
     assert kept["point_id"]
+
+
+async def test_possession_of_referenced_chunks_survives_gcs_during_backups(server: ServerProcess, admin: Client,
+                                                                          tenants):
+    """GCs run while a tenant backs up (sessions opened, chunks uploaded, points committed mid-GC): afterwards
+    every point restores and the tenant still possesses every chunk its points reference."""
+    import asyncio
+
+    acme = tenants["acme"]
+    disks = {f"vm-{i}": make_disk("rrcr", seed=60 + i) for i in range(4)}
+    points: dict[str, str] = {}
+
+    async def backups() -> None:
+        for round_ in range(2):
+            for vm, disk in disks.items():
+                changed = make_disk("r", seed=600 + round_) + disk[CHUNK:]
+                disks[vm] = changed
+                points[vm] = (await backup(acme.collector, vm, {"d0": changed}))["point_id"]
+
+    async def gcs() -> None:
+        for _ in range(4):
+            job = await admin.json("POST", "/admin/gc", {"compact_below": 0.9})
+            while job["state"] == "running":
+                await asyncio.sleep(0.01)
+                job = await admin.job(job["id"])
+            assert job["state"] == "done", job
+
+    await asyncio.gather(backups(), gcs())
+    await gcs()  # and once more with everything quiet
+    for vm, disk in disks.items():
+        assert await restore(acme.reader, points[vm], "d0") == disk
+        sid = await open_session(acme.collector, vm, len(disk))
+        assert not any(await acme.collector.missing(sid, [digest(p) for p in chunks_of(disk, CHUNK)]))
+        await acme.collector.abort(sid)
