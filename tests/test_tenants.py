@@ -475,3 +475,38 @@ async def test_possession_of_referenced_chunks_survives_gcs_during_backups(serve
         sid = await open_session(acme.collector, vm, len(disk))
         assert not any(await acme.collector.missing(sid, [digest(p) for p in chunks_of(disk, CHUNK)]))
         await acme.collector.abort(sid)
+
+
+async def test_collector_pipeline_with_scoped_tokens_on_file_disks(server: ServerProcess, admin: Client, tenants,
+                                                                   tmp_path: Path):
+    """The real collector (`chunkyard backup --source file:`) for two tenants backing up the same disk image:
+    the second tenant sends every chunk, the repository stores them once, and its next run sends nothing."""
+    import json
+
+    tokens = {t["name"]: t for t in await admin.tokens()}
+    image = tmp_path / "disk.img"
+    image.write_bytes(make_disk("rrczr", seed=70, tail=12345))
+
+    async def run(tenant: str, vm: str) -> dict:
+        token = (await admin.create_token("collector", f"{tenant} pipeline", tenant=tenant))["token"]
+        done = subprocess.run([sys.executable, "-m", "chunkyard.cli", "backup", "--source", f"file:{image}",
+                               "--vm", vm, "--state", str(tmp_path / tenant), "--json", "--server", server.url,
+                               "--token", token], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert "acme reader" in tokens
+    first = await run("acme", "web-a")
+    before = await admin.repository()
+    second = await run("globex", "web-g")
+    after = await admin.repository()
+    assert second["uploaded_chunks"] == first["uploaded_chunks"] == 5  # r r c r + the short tail
+    assert second["sent_bytes"] == first["sent_bytes"]
+    assert second["server_stats"]["new_bytes"] == first["server_stats"]["new_bytes"]
+    for key in ("chunk_count", "unique_bytes", "stored_bytes"):
+        assert after[key] == before[key], key
+    third = await run("globex", "web-g")
+    assert third["uploaded_chunks"] == 0 and third["sent_bytes"] == 0
+    point = await tenants["globex"].reader.point(third["point_id"])
+    assert await restore(tenants["globex"].reader, third["point_id"], point["disks"][0]["disk_id"]) == \
+        image.read_bytes()
