@@ -34,6 +34,11 @@ def _key(request: web.Request) -> str:
     return vm_id
 
 
+def _owner(request: web.Request, key: str) -> str:
+    """The tenant a policy concerns, for the audit record: its VM's owner ("" for the default)."""
+    return "" if key == DEFAULT else request.app[REPO].points.owner(key) or ""
+
+
 def _vm_target(request: web.Request) -> str:
     return request.match_info.get("vm_id", DEFAULT)
 
@@ -63,14 +68,16 @@ async def put_policy(request: web.Request) -> web.Response:
     key = _key(request)
     policy = check_policy(await read_json(request))
     await run(request, request.app[POLICIES].set, key, policy)
-    add_note(request, policy=policy)
+    add_note(request, policy=policy, tenant=_owner(request, key))
     return web.json_response({"policy": policy})
 
 
 @roles("admin")
 @audited("retention.unset", _vm_target)
 async def delete_policy(request: web.Request) -> web.Response:
-    await run(request, request.app[POLICIES].set, _key(request), None)
+    key = _key(request)
+    await run(request, request.app[POLICIES].set, key, None)
+    add_note(request, tenant=_owner(request, key))
     return web.Response(status=204)
 
 
