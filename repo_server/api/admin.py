@@ -42,7 +42,7 @@ def _expiry(body: dict) -> float | None:
         raise ApiError(422, "bad_field", 'give either "expires_in" (seconds) or "expires" (unix time), not both')
     value = body.get("expires_in")
     if value is not None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_LIFETIME:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= MAX_LIFETIME:
             raise ApiError(422, "bad_field", f"expires_in must be a number of seconds from 1 to {MAX_LIFETIME} "
                            f"(10 years); got {json.dumps(value)[:40]}")
         return time.time() + value
@@ -50,10 +50,6 @@ def _expiry(body: dict) -> float | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         raise ApiError(422, "bad_field", f"expires must be a unix time in seconds; got {json.dumps(value)[:40]}")
     return value
-
-
-def _token_audit_target(request: web.Request) -> str | None:
-    return request.match_info.get("token_id")
 
 
 @roles("admin")
@@ -80,7 +76,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 @roles("admin")
-@audited("token.revoke", _token_audit_target)
+@audited("token.revoke", lambda request: request.match_info["token_id"])
 async def revoke_token(request: web.Request) -> web.Response:
     info = await run(request, request.app[REPO].tokens.revoke, request.match_info["token_id"], scope(request))
     note(request, tenant=info.tenant, role=info.role, name=info.name)
