@@ -99,6 +99,14 @@ async def test_tenant_admins_see_their_own_records_and_denials_are_recorded(serv
         assert mine[0]["who"]["tenant"] == "acme"
     everything = await admin.audit()
     assert {r["tenant"] for r in everything} == {"acme", "globex"}
+    # The operator's changes to an acme VM's policy are on acme's record too.
+    collector = await admin.create_token("collector", "acme host", tenant="acme")
+    async with server.client(collector["token"]) as c:
+        await c.create_session(host="h", vm={"id": "vm-acme", "name": "a"}, disks=[{"disk_id": "d0", "size": 4096}])
+    await admin.set_retention({"keep_last": 2}, "vm-acme")
+    async with server.client(acme["token"]) as a:
+        newest = (await a.audit(limit=1))[0]
+    assert (newest["action"], newest["target"], newest["who"]["tenant"]) == ("retention.set", "vm-acme", "")
 
     reader = await admin.create_token("reader", "r")
     async with server.client(reader["token"]) as r:
