@@ -15,8 +15,8 @@ from typing import Any
 
 from chunkyard import __version__
 from chunkyard.config import ConfigError, load_config
-from chunkyard.units import format_size, parse_size
-from chunkyard.wire import ApiError, Client
+from chunkyard.units import format_size, parse_duration, parse_size
+from chunkyard.wire import ApiError, CertificateError, Client
 
 DEFAULT_SERVER = "http://127.0.0.1:8420"
 PASSPHRASE_ENV = "CHUNKYARD_PASSPHRASE"
@@ -37,7 +37,8 @@ def _client(args: argparse.Namespace) -> Client:
     if not token:
         raise UserError("no token: pass --token, set CHUNKYARD_TOKEN, or run from the directory holding "
                         "data/admin.token (written by `chunkyard init`)")
-    return Client(args.server or os.environ.get("CHUNKYARD_SERVER") or DEFAULT_SERVER, token)
+    return Client(args.server or os.environ.get("CHUNKYARD_SERVER") or DEFAULT_SERVER, token,
+                  cacert=getattr(args, "cacert", None))
 
 
 def _call(args: argparse.Namespace, fn: Callable[[Client], Coroutine[Any, Any, Any]]) -> Any:
@@ -50,6 +51,8 @@ def _call(args: argparse.Namespace, fn: Callable[[Client], Coroutine[Any, Any, A
     except ApiError as e:
         hint = {401: " (check --token / CHUNKYARD_TOKEN)", 403: " (this token's role may not do that)"}
         raise UserError(f"server said: {e.message}{hint.get(e.status, '')}") from None
+    except CertificateError as e:
+        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"cannot reach the server: {e} (is `chunkyard serve` running? --server / "
                         "CHUNKYARD_SERVER)") from None
@@ -100,7 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from repo_server.server import serve
 
     config = load_config(Path(args.config) if args.config else None,
-                         data=Path(args.data) if args.data else None, listen=args.listen)
+                         data=Path(args.data) if args.data else None, listen=args.listen,
+                         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                         tls_key=Path(args.tls_key) if args.tls_key else None)
     if not (config.data / "repo.toml").exists():
         raise UserError(f"{config.data} holds no repository: create one with `chunkyard init --data {config.data}`")
     asyncio.run(serve(config, passphrase_for(config.data)))
@@ -115,9 +120,14 @@ def cmd_repair(args: argparse.Namespace) -> None:
     if not args.rebuild_index:
         raise UserError("say what to do: --check (report) or --rebuild-index (repair)")
     print(f"Rebuilding the index of {args.data} from its packs and point files...")
-    result = rebuild_index(Path(args.data), passphrase_for(Path(args.data)))
+    try:
+        result = rebuild_index(Path(args.data), passphrase_for(Path(args.data)))
+    except Exception as e:
+        _audit_offline(Path(args.data), "repair", "rebuild-index", outcome="failed", error=str(e))
+        raise
+    _audit_offline(Path(args.data), "repair", "rebuild-index", **result)
     print(f"Done: {result['packs_scanned']} packs, {result['chunks']} chunks, {result['points']} points, "
-          f"{result['tokens_kept']} tokens kept.")
+          f"{result['tokens_kept']} tokens kept, {result['possession']} tenant possession entries rebuilt.")
     if not result["tokens_kept"]:
         print("No tokens survived: create an admin token with "
               f"`chunkyard token create --role admin --data {args.data}`.")
@@ -213,34 +223,60 @@ def _offline_repo(args: argparse.Namespace) -> Any:
     return Repository(Path(args.data), passphrase=passphrase_for(Path(args.data)))
 
 
+def _audit_offline(data: Path, action: str, target: str | None, **details: Any) -> None:
+    """Offline commands act without a token: they are on record as the local user."""
+    from repo_server.engine.audit import AUDIT_FILE, AuditLog, local_who
+
+    if not (data / "repo.toml").exists():  # not a repository: nothing happened to audit
+        return
+    outcome = details.pop("outcome", "ok")
+    AuditLog(data / AUDIT_FILE).append(local_who(), action, target, outcome=outcome, **details)
+
+
 def cmd_token_create(args: argparse.Namespace) -> None:
+    try:
+        lifetime = parse_duration(args.expires) if args.expires else None
+    except ValueError as e:
+        raise UserError(f"--expires: {e}") from None
     if args.data:
         repo = _offline_repo(args)
         try:
-            token, info = repo.tokens.create(args.role, args.name)
+            token, info = repo.tokens.create(args.role, args.name, args.tenant or "",
+                                             time.time() + lifetime if lifetime else None)
             result = info.public() | {"token": token}
         finally:
             repo.close()
+        _audit_offline(Path(args.data), "token.create", info.id, tenant=info.tenant, role=info.role,
+                       name=info.name, expires=info.expires)
     else:
-        result = _call(args, lambda c: c.create_token(args.role, args.name))
-    _print(args, result, lambda r: print(f"Created {r['role']} token {r['id']} ({r['name'] or 'unnamed'}); "
-                                         f"shown once:\n\n    {r['token']}\n"))
+        result = _call(args, lambda c: c.create_token(args.role, args.name, tenant=args.tenant,
+                                                      expires_in=lifetime))
+
+    def line(r: dict) -> None:
+        scope = f"tenant {r['tenant']}" if r["tenant"] else "unscoped: the whole repository"
+        print(f"Created {r['role']} token {r['id']} ({r['name'] or 'unnamed'}; {scope}; "
+              f"{'expires ' + _when(r['expires']) if r['expires'] else 'never expires'}); shown once:\n\n"
+              f"    {r['token']}\n")
+
+    _print(args, result, line)
 
 
 def cmd_token_list(args: argparse.Namespace) -> None:
     if args.data:
         repo = _offline_repo(args)
         try:
-            tokens = [t.public() for t in repo.tokens.list()]
+            tokens = [t.public() | {"expired": t.expired()} for t in repo.tokens.list()]
         finally:
             repo.close()
     else:
         tokens = _call(args, lambda c: c.tokens())
 
     def table(rows: list[dict]) -> None:
-        print(f"{'ID':<18}{'ROLE':<11}{'CREATED':<21}NAME")
+        print(f"{'ID':<18}{'ROLE':<11}{'TENANT':<18}{'CREATED':<21}{'EXPIRES':<29}NAME")
         for t in rows:
-            print(f"{t['id']:<18}{t['role']:<11}{_when(t['created']):<21}{t['name']}")
+            expires = _when(t["expires"]) + (" (expired)" if t.get("expired") else "") if t["expires"] else "never"
+            print(f"{t['id']:<18}{t['role']:<11}{t['tenant'] or '(all)':<18.18}{_when(t['created']):<21}"
+                  f"{expires:<29}{t['name']}")
 
     _print(args, tokens, table)
 
@@ -249,12 +285,29 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
     if args.data:
         repo = _offline_repo(args)
         try:
-            repo.tokens.revoke(args.token_id)
+            info = repo.tokens.revoke(args.token_id)
         finally:
             repo.close()
+        _audit_offline(Path(args.data), "token.revoke", info.id, tenant=info.tenant, role=info.role,
+                       name=info.name)
     else:
         _call(args, lambda c: c.revoke_token(args.token_id))
     print(f"Revoked token {args.token_id}.")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    if not 1 <= args.limit <= 10000:
+        raise UserError("--limit must be from 1 to 10000")
+
+    def table(records: list[dict]) -> None:
+        print(f"{'WHEN (UTC)':<22}{'WHO':<30}{'ACTION':<17}{'TARGET':<24}{'TENANT':<14}OUTCOME")
+        for r in reversed(records):  # oldest first, like a log
+            who = r.get("who") or {}
+            by = f"{who.get('name') or '-'} ({who.get('token_id') or 'local'})"
+            print(f"{_utc(r['time']):<22}{by:<30.29}{r['action']:<17}{r.get('target') or '-':<24.23}"
+                  f"{r.get('tenant') or '-':<14.13}{r['outcome']}")
+
+    _print(args, _call(args, lambda c: c.audit(args.limit)), table)
 
 
 def cmd_vms(args: argparse.Namespace) -> None:
@@ -421,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="chunkyard",
         description="Chunkyard: deduplicating backup repository for Hyper-V fleets.",
         epilog="Quick start: `chunkyard init --data ./data`, then `chunkyard serve --data ./data`. "
-               "Client commands read CHUNKYARD_SERVER (default http://127.0.0.1:8420) and CHUNKYARD_TOKEN.",
+               "Client commands read CHUNKYARD_SERVER (default http://127.0.0.1:8420), CHUNKYARD_TOKEN and, for "
+               "https:// servers with a private CA, CHUNKYARD_CACERT.",
     )
     parser.add_argument("--version", action="version", version=f"chunkyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -430,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--server", help="server URL (default: $CHUNKYARD_SERVER or http://127.0.0.1:8420)")
         p.add_argument("--token", help="API token (default: $CHUNKYARD_TOKEN, else ./data/admin.token)")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--cacert", metavar="FILE",
+                       help="trust the server certificate's private CA from this PEM file (default: "
+                            "$CHUNKYARD_CACERT, else the system's CAs); https:// URLs are always verified")
 
     p = sub.add_parser("init", help="create a repository and its first admin token")
     p.add_argument("--data", default="./data", help="repository directory (default ./data)")
@@ -443,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="repository directory (default ./data)")
     p.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8420)")
     p.add_argument("--config", help="TOML file with a [server] table (see README)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    p.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="create, list or revoke API tokens")
@@ -456,9 +515,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "create":
             tp.add_argument("--role", required=True, choices=ROLES)
             tp.add_argument("--name", default="", help="what the token is for, e.g. the collector's host")
+            tp.add_argument("--tenant", help="scope the token to this tenant (a-z, 0-9, - and _): it sees only "
+                                             "that tenant's VMs and points (default: yours; unscoped for an "
+                                             "unscoped admin)")
+            tp.add_argument("--expires", metavar="DURATION",
+                            help="refuse the token after this long: 3600, 90m, 12h, 30d, 2w, 1y (default: never)")
         if name == "revoke":
             tp.add_argument("token_id")
         tp.set_defaults(func=func)
+
+    p = sub.add_parser("audit", help="show the audit log of administrative actions (newest last)")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="the N newest records (default 50)")
+    client_args(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("vms", help="list VMs that have restore points")
     client_args(p)
@@ -572,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ConfigError, ValueError, EngineError, SourceError, TierCommandError) as e:
+    except (UserError, ConfigError, ValueError, EngineError, SourceError, TierCommandError, CertificateError) as e:
         print(f"chunkyard: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,8 @@ class ServerConfig:
     keep_closed_sessions_days: float = 7.0
     housekeeping_seconds: float = 60.0
     tiers: tuple[dict[str, Any], ...] = ()  # the [[tier]] tables, checked by tiering.config (docs/tiering.md)
+    tls_cert: Path | None = None  # PEM certificate chain: serve HTTPS (with tls_key)
+    tls_key: Path | None = None
 
     @property
     def host(self) -> str:
@@ -46,6 +48,9 @@ def _check(config: ServerConfig) -> ServerConfig:
         value = getattr(config, f.name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{f.name} must be positive; got {value}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("TLS needs both a certificate and its private key: give --tls-cert and --tls-key "
+                          "(server.tls_cert and server.tls_key in the config file)")
     return config
 
 
@@ -71,7 +76,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             if key not in known:
                 raise ConfigError(f"{path}: unknown setting server.{key}; known: {', '.join(sorted(known))}")
             default = getattr(config, key)
-            if isinstance(default, Path):
+            if isinstance(default, Path) or "Path" in str(known[key]):
                 if not isinstance(value, str):
                     raise ConfigError(f"{path}: server.{key} must be a string path")
                 value = Path(value)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import ssl
 import struct
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ MAP_RECORD = struct.Struct("<Q32s")
 MAX_MISSING_QUERY = 65536
 MAX_CHUNK_BODY = 64 * 1024 * 1024
 API_PREFIX = "/api/v1"
+CACERT_ENV = "CHUNKYARD_CACERT"
 
 
 def digest(data: bytes | memoryview) -> bytes:
@@ -123,16 +126,40 @@ class ApiError(Exception):
         self.message = message
 
 
-class Client:
-    """Async client of the Chunkyard HTTP API, used by collectors, the CLI, tests and benchmarks."""
+class CertificateError(ConnectionError):
+    """The server's TLS certificate is not trusted; the message says how to trust a private CA."""
 
-    def __init__(self, server: str, token: str | None = None, *, timeout: float = 600.0):
+
+def tls_context(cacert: str | os.PathLike | None) -> ssl.SSLContext:
+    """Certificates are verified: against the system's CAs, or only against `cacert` (a private CA)."""
+    if cacert is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=os.fspath(cacert))
+    except (OSError, ssl.SSLError) as e:
+        raise CertificateError(f"cannot load the CA certificate {os.fspath(cacert)!r}: {e}") from None
+
+
+class Client:
+    """Async client of the Chunkyard HTTP API, used by collectors, the CLI, tests and benchmarks.
+
+    https:// URLs verify the server's certificate; `cacert` (default $CHUNKYARD_CACERT) names a PEM file
+    of the private CA to trust instead of the system's."""
+
+    def __init__(self, server: str, token: str | None = None, *, timeout: float = 600.0,
+                 cacert: str | os.PathLike | None = None):
+        if not server.startswith(("http://", "https://")):
+            raise ValueError(f"the server URL must start with http:// or https://; got {server!r:.80}")
         self.base = server.rstrip("/") + API_PREFIX
         self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        cacert = cacert or os.environ.get(CACERT_ENV) or None
+        tls = tls_context(cacert) if server.startswith("https://") else None
+        self._cacert = cacert
         self._session = aiohttp.ClientSession(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout, sock_connect=30),
+            connector=aiohttp.TCPConnector(ssl=tls) if tls else None,
         )
 
     async def __aenter__(self) -> Client:
@@ -145,7 +172,13 @@ class Client:
         await self._session.close()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        resp = await self._session.request(method, self.base + path, **kwargs)
+        try:
+            resp = await self._session.request(method, self.base + path, **kwargs)
+        except aiohttp.ClientConnectorCertificateError as e:
+            trust = (f"it is not signed by the CA in {self._cacert}" if self._cacert else
+                     f"for a private CA pass --cacert FILE or set {CACERT_ENV}")
+            raise CertificateError(f"the server's TLS certificate was refused ({e.certificate_error}); "
+                                   f"{trust}") from None
         if resp.status >= 400:
             body = await resp.read()
             resp.release()
@@ -265,8 +298,18 @@ class Client:
             async for data in resp.content.iter_chunked(block):
                 yield data
 
-    async def create_token(self, role: str, name: str) -> dict:
-        return await self.json("POST", "/tokens", {"role": role, "name": name})
+    async def create_token(self, role: str, name: str, *, tenant: str | None = None,
+                           expires_in: float | None = None) -> dict:
+        body: dict[str, Any] = {"role": role, "name": name}
+        if tenant is not None:
+            body["tenant"] = tenant
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return await self.json("POST", "/tokens", body)
+
+    async def audit(self, limit: int = 100) -> list[dict]:
+        """The newest audit records, newest first."""
+        return (await self.json("GET", f"/audit?limit={limit}"))["records"]
 
     async def tokens(self) -> list[dict]:
         return (await self.json("GET", "/tokens"))["tokens"]

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -52,11 +53,14 @@ def free_port() -> int:
 class ServerProcess:
     """A real server process over a data directory; can be killed (SIGKILL) and restarted."""
 
-    def __init__(self, data: Path, *, chunk_size: str = "1MiB", config: Path | None = None):
+    def __init__(self, data: Path, *, chunk_size: str = "1MiB", config: Path | None = None,
+                 tls: tuple[Path, Path] | None = None, cacert: Path | None = None):
+        """tls: (certificate, key) to serve HTTPS; cacert: the CA that clients of this server trust."""
         self.data = data
         self.config = config
+        self.tls, self.cacert = tls, cacert
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = data.parent / f"{data.name}-server.log"
         if not (data / "repo.toml").exists():
@@ -69,6 +73,8 @@ class ServerProcess:
                "--listen", f"127.0.0.1:{self.port}"]
         if self.config:
             cmd += ["--config", str(self.config)]
+        if self.tls:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                          env=os.environ | (env or {}))
@@ -81,7 +87,8 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/api/v1/health", timeout=1) as r:
+                context = ssl.create_default_context(cafile=self.cacert) if self.url.startswith("https://") else None
+                with urllib.request.urlopen(f"{self.url}/api/v1/health", timeout=1, context=context) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -107,7 +114,7 @@ class ServerProcess:
         self.start(env)
 
     def client(self, token: str | None = None) -> Client:
-        return Client(self.url, token if token is not None else self.admin_token)
+        return Client(self.url, token if token is not None else self.admin_token, cacert=self.cacert)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from aiohttp import web
@@ -10,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from chunkyard import __version__
 from tiering.sync import TierSync
 
-from .common import METRICS, REPO, ApiError, public, read_json, roles, run
+from .audit import audited, note
+from .common import METRICS, REPO, ApiError, operator_only, public, read_json, roles, run, scope
 from .openapi import openapi_document
 
 TIERS = web.AppKey("tiers", TierSync)  # the cloud tiers' uploaders, started with the app (app.py)
@@ -28,31 +30,62 @@ async def openapi(request: web.Request) -> web.Response:
 
 @roles("admin", "reader", "collector")
 async def repository(request: web.Request) -> web.Response:
-    return web.json_response(await run(request, request.app[REPO].stats))
+    return web.json_response(await run(request, request.app[REPO].stats, scope(request)))
+
+
+TOKEN_FIELDS = ("role", "name", "tenant", "expires_in", "expires")
+MAX_LIFETIME = 10 * 365 * 86400
+
+
+def _expiry(body: dict) -> float | None:
+    """The unix time a new token expires at, from "expires_in" (seconds from now) or "expires"."""
+    if "expires_in" in body and "expires" in body:
+        raise ApiError(422, "bad_field", 'give either "expires_in" (seconds) or "expires" (unix time), not both')
+    value = body.get("expires_in")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value <= MAX_LIFETIME:
+            raise ApiError(422, "bad_field", f"expires_in must be a number of seconds from 1 to {MAX_LIFETIME} "
+                           f"(10 years); got {json.dumps(value)[:40]}")
+        return time.time() + value
+    value = body.get("expires")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ApiError(422, "bad_field", f"expires must be a unix time in seconds; got {json.dumps(value)[:40]}")
+    return value
 
 
 @roles("admin")
+@audited("token.create")
 async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("role"), str):
-        raise ApiError(422, "bad_field", 'the body must be {"role": "admin|collector|reader", "name": "..."}')
-    token, info = await run(request, request.app[REPO].tokens.create, body["role"], body.get("name", ""))
+    if not isinstance(body, dict) or not isinstance(body.get("role"), str) or set(body) - set(TOKEN_FIELDS):
+        raise ApiError(422, "bad_field", 'the body must be {"role": "admin|collector|reader", "name": "...", '
+                       '"tenant": "..." (optional), "expires_in": seconds or "expires": unix time (optional)}')
+    mine = scope(request)
+    tenant = body.get("tenant", mine)
+    if mine and tenant != mine:
+        raise ApiError(403, "forbidden", f"a token of tenant {mine!r} may create tokens only for that tenant")
+    token, info = await run(request, request.app[REPO].tokens.create, body["role"], body.get("name", ""),
+                            tenant, _expiry(body))
+    note(request, target=info.id, tenant=info.tenant, role=info.role, name=info.name, expires=info.expires)
     return web.json_response(info.public() | {"token": token}, status=201)
 
 
 @roles("admin")
 async def list_tokens(request: web.Request) -> web.Response:
-    tokens = await run(request, request.app[REPO].tokens.list)
-    return web.json_response({"tokens": [t.public() for t in tokens]})
+    tokens = await run(request, request.app[REPO].tokens.list, scope(request))
+    return web.json_response({"tokens": [t.public() | {"expired": t.expired()} for t in tokens]})
 
 
 @roles("admin")
+@audited("token.revoke", lambda request: request.match_info["token_id"])
 async def revoke_token(request: web.Request) -> web.Response:
-    await run(request, request.app[REPO].tokens.revoke, request.match_info["token_id"])
+    info = await run(request, request.app[REPO].tokens.revoke, request.match_info["token_id"], scope(request))
+    note(request, tenant=info.tenant, role=info.role, name=info.name)
     return web.Response(status=204)
 
 
 @roles("admin", "reader")
+@operator_only
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; also served at the root path /metrics, where scrapers look by default."""
     body = await run(request, request.app[METRICS].exposition)
@@ -60,11 +93,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @roles("admin", "reader")
+@operator_only
 async def tiers(request: web.Request) -> web.Response:
     return web.json_response({"tiers": request.app[TIERS].status()})
 
 
 @roles("admin")
+@operator_only
+@audited("tier.sync")
 async def sync_tiers(request: web.Request) -> web.Response:
     """Start a sync cycle now; a tier is caught up with this request once its synced_at ≥ requested."""
     requested = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from tiering.sync import TierSync
 
 from . import admin, catalog, dashboard, jobs, retention, sessions
 from .admin import TIERS
+from .audit import add_routes as add_audit_routes
+from .audit import audit
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError
 from .metrics import Metrics, register_metric_source, repository_families
 from .signed import SIGNER, UrlSigner, load_secret
@@ -41,6 +44,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     status = 500
     began = time.perf_counter()
+    entered = False  # whether the handler ran (an @audited handler records its own failures)
     try:
         allowed = getattr(handler, "allowed_roles", None)
         if allowed is not None:
@@ -49,18 +53,30 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
             if not auth and "sig" in request.query and getattr(handler, "signable", False):
                 info = request.app[SIGNER].check(request, request.app[REPO].tokens)  # a signed download link
             else:
-                info = request.app[REPO].tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+                info = request.app[REPO].tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
             if info is None:
                 raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
                                headers={"WWW-Authenticate": 'Bearer realm="chunkyard"'})
+            if info.expired():  # only the token's holder can learn this: it had to send the secret
+                raise ApiError(401, "token_expired", f"this token ({info.id}) expired at "
+                               f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(info.expires))}; "
+                               "ask an admin for a new one", headers={"WWW-Authenticate": 'Bearer realm="chunkyard", '
+                                                                       'error="invalid_token"'})
+            request[TOKEN] = info
             if info.role not in allowed:
                 raise ApiError(403, "forbidden", f"a {info.role} token may not do this; needs {' or '.join(allowed)}")
-            request[TOKEN] = info
+            if info.tenant and getattr(handler, "operator_only", False):
+                raise ApiError(403, "operator_only", f"this concerns the whole repository: a token scoped to "
+                               f"tenant {info.tenant!r} may not do it; use an unscoped (operator) token")
+        entered = True
         response = await handler(request)
         status = response.status
         return response
     except ApiError as e:
         status = e.status
+        if status == 403 and not entered and getattr(handler, "audit_action", None):
+            await audit(request, handler.audit_action, request.path, outcome="denied",
+                        **json.loads(e.text or "{}"))
         raise
     except EngineError as e:
         status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)
@@ -128,6 +144,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     jobs.add_routes(app)
     retention.add_routes(app)
     dashboard.add_routes(app)
+    add_audit_routes(app)
     return app
 
 

@@ -19,7 +19,8 @@ from repo_server.engine.points import public, vm_view
 from repo_server.engine.restore import DiskImage, find_disk
 from repo_server.engine.verify import verify_status
 
-from .common import METRICS, POOL, REPO, STREAMING, ApiError, read_json, roles, run, token_of
+from .audit import audited, note
+from .common import METRICS, POOL, REPO, STREAMING, ApiError, read_json, roles, run, scope, token_of
 from .signed import SIGNER, signable
 
 log = logging.getLogger("chunkyard.restore")
@@ -30,7 +31,8 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 @roles("admin", "reader")
 async def list_vms(request: web.Request) -> web.Response:
-    return web.json_response({"vms": [vm_view(v) for v in await run(request, request.app[REPO].points.vms)]})
+    vms = await run(request, request.app[REPO].points.vms, scope(request))
+    return web.json_response({"vms": [vm_view(v) for v in vms]})
 
 
 def shown(repo: Repository, record: dict) -> dict:
@@ -41,26 +43,28 @@ def shown(repo: Repository, record: dict) -> dict:
 @roles("admin", "reader")
 async def list_points(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    points = await run(request, repo.points.of_vm, request.match_info["vm_id"])
+    points = await run(request, repo.points.of_vm, request.match_info["vm_id"], scope(request))
     return web.json_response({"points": [shown(repo, p) for p in points]})
 
 
 @roles("admin", "reader")
 async def get_point(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    return web.json_response(shown(repo, repo.points.get(request.match_info["pid"])))
+    return web.json_response(shown(repo, repo.points.get(request.match_info["pid"], scope(request))))
 
 
 @roles("admin")
+@audited("point.delete", lambda request: request.match_info["pid"])
 async def delete_point(request: web.Request) -> web.Response:
-    await run(request, request.app[REPO].points.delete, request.match_info["pid"])
+    record = await run(request, request.app[REPO].points.delete, request.match_info["pid"], scope(request))
+    note(request, tenant=record.get("tenant", ""), vm=record["vm"]["id"])
     return web.Response(status=204)
 
 
 @roles("admin", "reader", "collector")
 async def get_map(request: web.Request) -> web.StreamResponse:
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     token = token_of(request)
     if token.role == "collector" and point["token_id"] != token.id:
         raise ApiError(403, "forbidden", "collectors may read only the maps of points they created")
@@ -98,7 +102,7 @@ async def get_map(request: web.Request) -> web.StreamResponse:
 @roles("admin", "reader")
 async def get_blob(request: web.Request) -> web.Response:
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     data = await run(request, repo.read_blob, point, request.match_info["name"])
     return web.Response(body=data, content_type="application/octet-stream")
 
@@ -213,7 +217,7 @@ def download_name(point: dict, disk_id: str, fmt: str) -> str:
 async def download(request: web.Request, fmt: str) -> web.StreamResponse:
     """A restore download (raw or VHDX) with single-range, ETag and If-Range support."""
     repo = request.app[REPO]
-    point = repo.points.get(request.match_info["pid"])
+    point = repo.points.get(request.match_info["pid"], scope(request))
     disk_id = request.match_info["disk_id"]
     find_disk(point, disk_id)
     image = DiskImage(repo, point, disk_id)
@@ -301,7 +305,7 @@ async def download_url(request: web.Request) -> web.Response:
     if fmt not in ("raw", "vhdx"):
         raise ApiError(422, "bad_field", 'the body must be {"format": "raw"} or {"format": "vhdx"}')
     pid, disk_id = request.match_info["pid"], request.match_info["disk_id"]
-    point = request.app[REPO].points.get(pid)
+    point = request.app[REPO].points.get(pid, scope(request))
     filename = download_name(point, disk_id, fmt)  # 404 for a disk the point does not have
     url, expires = request.app[SIGNER].sign(f"/api/v1/points/{pid}/disks/{disk_id}/{fmt}", token_of(request).id)
     return web.json_response({"url": url, "expires": expires, "filename": filename})

@@ -49,6 +49,12 @@ def roles(*allowed: str) -> Callable[[Handler], Handler]:
     return mark
 
 
+def operator_only(handler: Handler) -> Handler:
+    """Whole-repository actions (GC, verify, tier sync, global figures): a tenant-scoped token gets 403."""
+    handler.operator_only = True  # type: ignore[attr-defined]
+    return handler
+
+
 def public(handler: Handler) -> Handler:
     handler.allowed_roles = None  # type: ignore[attr-defined]
     return handler
@@ -56,6 +62,11 @@ def public(handler: Handler) -> Handler:
 
 def token_of(request: web.Request) -> TokenInfo:
     return request[TOKEN]
+
+
+def scope(request: web.Request) -> str:
+    """The caller's tenant: "" for an operator token (sees everything)."""
+    return request[TOKEN].tenant
 
 
 async def run(request: web.Request, fn: Callable[..., T], *args: Any) -> T:

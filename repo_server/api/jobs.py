@@ -17,15 +17,16 @@ from aiohttp import web
 
 from repo_server.engine import EngineError
 
-from .common import METRICS, REPO, ApiError, read_json, roles
+from .audit import audited, audited_job, note
+from .common import METRICS, REPO, ApiError, operator_only, read_json, roles, scope
 
 log = logging.getLogger("chunkyard.jobs")
 KEEP = 100  # finished jobs remembered
 
 
 class Job:
-    def __init__(self, job_id: str, kind: str, params: dict):
-        self.id, self.kind, self.params = job_id, kind, params
+    def __init__(self, job_id: str, kind: str, params: dict, tenant: str = ""):
+        self.id, self.kind, self.params, self.tenant = job_id, kind, params, tenant
         self.state = "running"
         self.phase, self.done, self.total = "starting", 0, None
         self.started, self.finished = time.time(), None
@@ -37,7 +38,7 @@ class Job:
 
     def public(self) -> dict:
         result = dataclasses.asdict(self.result) if dataclasses.is_dataclass(self.result) else self.result
-        return {"id": self.id, "kind": self.kind, "params": self.params, "state": self.state,
+        return {"id": self.id, "kind": self.kind, "params": self.params, "tenant": self.tenant, "state": self.state,
                 "phase": self.phase, "done": self.done, "total": self.total, "started": self.started,
                 "finished": self.finished, "result": result, "error": self.error}
 
@@ -52,8 +53,8 @@ class JobManager:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def start(self, kind: str, params: dict, work: Callable[[Job], Any]) -> Job:
-        job = Job(f"{kind}-{int(time.time())}-{next(self._ids)}", kind, params)
+    def start(self, kind: str, params: dict, work: Callable[[Job], Any], tenant: str = "") -> Job:
+        job = Job(f"{kind}-{int(time.time())}-{next(self._ids)}", kind, params, tenant)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP and next(iter(self._jobs.values())).state != "running":
@@ -78,14 +79,15 @@ class JobManager:
         asyncio.get_running_loop().run_in_executor(self._pool, run)
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, tenant: str = "") -> Job:
+        """A job; a tenant sees only its own (another tenant's answers like an unknown id)."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or (tenant and job.tenant != tenant):
             raise ApiError(404, "job_not_found", f"no job {job_id!r:.80} (jobs are kept until {KEEP} newer ones)")
         return job
 
-    def list(self) -> list[Job]:
-        return list(self._jobs.values())
+    def list(self, tenant: str = "") -> list[Job]:
+        return [j for j in self._jobs.values() if not tenant or j.tenant == tenant]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -95,6 +97,8 @@ JOBS = web.AppKey("jobs", JobManager)
 
 
 @roles("admin")
+@operator_only
+@audited("gc")
 async def start_gc(request: web.Request) -> web.Response:
     from repo_server.engine.gc import GarbageCollector
 
@@ -103,12 +107,15 @@ async def start_gc(request: web.Request) -> web.Response:
     if not isinstance(compact_below, int | float) or isinstance(compact_below, bool) or not 0 <= compact_below <= 1:
         raise ApiError(422, "bad_field", 'the body may hold {"compact_below": 0..1} (default 0.5)')
     repo = request.app[REPO]
-    job = request.app[JOBS].start("gc", {"compact_below": compact_below},
-                                  lambda job: GarbageCollector(repo, job.progress, compact_below=compact_below).run())
+    job = request.app[JOBS].start("gc", {"compact_below": compact_below}, audited_job(
+        request, "gc", None, lambda job: GarbageCollector(repo, job.progress, compact_below=compact_below).run()))
+    note(request, job=job.id, compact_below=compact_below, outcome="started")
     return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
 @roles("admin")
+@operator_only
+@audited("verify")
 async def start_verify(request: web.Request) -> web.Response:
     from repo_server.engine.verify import MODES, Verifier
 
@@ -120,19 +127,20 @@ async def start_verify(request: web.Request) -> web.Response:
             or not 0 < percent <= 100:
         raise ApiError(422, "bad_field", f'the body may hold {{"mode": {"|".join(MODES)}, "percent": 0..100}}')
     repo = request.app[REPO]
-    job = request.app[JOBS].start("verify", {"mode": mode, "percent": percent},
-                                  lambda job: Verifier(repo, job.progress, mode=mode, percent=percent).run())
+    job = request.app[JOBS].start("verify", {"mode": mode, "percent": percent}, audited_job(
+        request, "verify", None, lambda job: Verifier(repo, job.progress, mode=mode, percent=percent).run()))
+    note(request, job=job.id, mode=mode, percent=percent, outcome="started")
     return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
 @roles("admin", "reader")
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(request.app[JOBS].get(request.match_info["job_id"]).public())
+    return web.json_response(request.app[JOBS].get(request.match_info["job_id"], scope(request)).public())
 
 
 @roles("admin", "reader")
 async def list_jobs(request: web.Request) -> web.Response:
-    return web.json_response({"jobs": [j.public() for j in request.app[JOBS].list()]})
+    return web.json_response({"jobs": [j.public() for j in request.app[JOBS].list(scope(request))]})
 
 
 def add_routes(app: web.Application) -> None:

@@ -26,16 +26,21 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     "/openapi.json": {"get": ("This document", None, None, 200, JSON_OBJ)},
     "/repository": {"get": ("Chunk size, repository id and stats: logical, unique and stored bytes, dedup and "
                             "compression ratios, chunk, pack and point counts; `encryption` (\"none\" or the "
-                            "scheme) and `warnings` (e.g. an unencrypted repository; empty when all is well)",
+                            "scheme) and `warnings` (e.g. an unencrypted repository; empty when all is well). "
+                            "A tenant-scoped token gets only its tenant's VM and point counts and logical bytes",
                             ["admin", "reader", "collector"], None, 200, JSON_OBJ)},
     "/metrics": {"get": METRICS_OP},
     "/tokens": {
         "post": ("Create a token; the token is shown only in this answer", ["admin"],
                  {"$ref": "#/components/schemas/TokenRequest"}, 201, JSON_OBJ),
-        "get": ("List tokens (ids, roles, names; never the secrets)", ["admin"], None, 200, JSON_OBJ),
+        "get": ("List tokens (ids, roles, names, tenants, expiry; never the secrets); a tenant-scoped admin sees "
+                "its tenant's only", ["admin"], None, 200, JSON_OBJ),
     },
-    "/tokens/{token_id}": {"delete": ("Revoke a token", ["admin"], None, 204, None)},
-    "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests",
+    "/tokens/{token_id}": {"delete": ("Revoke a token (a tenant-scoped admin: of its own tenant only)", ["admin"],
+                                      None, 204, None)},
+    "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests. A VM id belongs to "
+                           "the tenant whose token first opened a session for it: another tenant's token gets 403 "
+                           "vm_not_yours",
                            ["admin", "collector"], {"$ref": "#/components/schemas/SessionRequest"}, 201, JSON_OBJ)},
     "/sessions/{sid}": {
         "get": ("Session state and counters (to resume an interrupted backup)", ["admin", "collector"], None, 200,
@@ -44,14 +49,17 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     },
     "/sessions/{sid}/missing": {"post": (
         "Body: N×32-byte BLAKE3 digests (N ≤ 65536). Answer: a bitmap, bit i (LSB first) set when chunk i must be "
-        "uploaded. The ZERO digest is never missing.", ["admin", "collector"], "binary", 200, OCTET)},
+        "uploaded. The ZERO digest is never missing. For a tenant-scoped token a chunk is present only if stored "
+        "AND that tenant uploaded or referenced it before (possession), so the answer reveals nothing of other "
+        "tenants' data.", ["admin", "collector"], "binary", 200, OCTET)},
     "/sessions/{sid}/chunks": {"post": (
         "Body (≤ 64 MiB): frames `digest[32] codec u8 raw_len u32 stored_len u32 payload`, little-endian; codec 0 "
         "raw, 1 zstd. Every frame is decompressed and hashed; any bad frame rejects the whole body with 422.",
         ["admin", "collector"], "binary", 200, JSON_OBJ)},
     "/sessions/{sid}/disks/{disk_id}/map": {"post": (
-        "Body: records `chunk_index u64 digest[32]`. Each digest must be ZERO or present, of the length its index "
-        "covers. Unmapped indices keep the base point's digest (ZERO without a base).",
+        "Body: records `chunk_index u64 digest[32]`. Each digest must be ZERO or present (for a tenant-scoped "
+        "token: and possessed by the tenant), of the length its index covers. Unmapped indices keep the base "
+        "point's digest (ZERO without a base).",
         ["admin", "collector"], "binary", 200, JSON_OBJ)},
     "/sessions/{sid}/blobs/{name}": {"put": ("Store a VM configuration file (≤ 64 MiB) with the point",
                                              ["admin", "collector"], "binary", 201, JSON_OBJ)},
@@ -139,6 +147,11 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     "/tiers/sync": {"post": (
         "Start a sync cycle of every tier now. Answers 202 with `requested`; a tier has caught up with this "
         "request once its synced_at ≥ requested.", ["admin"], None, 202, JSON_OBJ)},
+    "/audit": {"get": (
+        "The newest audit records (`?limit=N`, 1..10000, default 100), newest first: token create/revoke, point "
+        "delete, protection, retention changes, prune, gc, verify, tier sync, repair; each {time, who {token_id, "
+        "name, tenant}, action, target, tenant, outcome, details}. A tenant-scoped admin sees its tenant's only.",
+        ["admin"], None, 200, JSON_OBJ)},
 }
 
 SCHEMAS = {
@@ -152,8 +165,13 @@ SCHEMAS = {
         "format": {"type": "string", "enum": ["raw", "vhdx"]}}},
     "Error": {"type": "object", "required": ["error", "message"],
               "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
-    "TokenRequest": {"type": "object", "required": ["role"], "properties": {
-        "role": {"type": "string", "enum": ["admin", "collector", "reader"]}, "name": {"type": "string"}}},
+    "TokenRequest": {"type": "object", "required": ["role"], "additionalProperties": False, "properties": {
+        "role": {"type": "string", "enum": ["admin", "collector", "reader"]}, "name": {"type": "string"},
+        "tenant": {"type": "string", "pattern": "^[a-z0-9_-]{0,64}$", "description": (
+            '"" (the default for an unscoped admin) sees the whole repository; a tenant-scoped admin may create '
+            "tokens of its own tenant only (the default)")},
+        "expires_in": {"type": "number", "minimum": 1, "maximum": 315360000, "description": "seconds from now"},
+        "expires": {"type": "number", "description": "unix time; give this or expires_in, not both"}}},
     "SessionRequest": {"type": "object", "required": ["host", "vm", "disks"], "properties": {
         "host": {"type": "string"},
         "vm": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"},

@@ -8,7 +8,9 @@ from repo_server.engine.names import check_name
 from repo_server.engine.points import public
 from repo_server.engine.retention import DEFAULT, Policies, check_policy, effective, prune
 
-from .common import REPO, ApiError, read_json, roles, run
+from .audit import audited, audited_job
+from .audit import note as add_note
+from .common import REPO, ApiError, read_json, roles, run, scope
 from .jobs import JOBS
 
 POLICIES = web.AppKey("retention_policies", Policies)
@@ -17,15 +19,38 @@ MAX_NOTE = 1000
 
 
 def _key(request: web.Request) -> str:
-    """The policy a request addresses: its VM's, or the repository default on /retention."""
+    """The policy a request addresses: its VM's, or the repository default on /retention. A tenant
+    addresses only its own VMs (another tenant's VM is "not found") and may not set the default."""
     vm_id = request.match_info.get("vm_id")
-    return DEFAULT if vm_id is None else check_name(vm_id, "VM id")
+    tenant = scope(request)
+    if vm_id is None:
+        if tenant and request.method != "GET":
+            raise ApiError(403, "operator_only", "the repository default policy applies to every tenant: only an "
+                           "unscoped (operator) token may change it; set your VMs' own policies instead")
+        return DEFAULT
+    check_name(vm_id, "VM id")
+    if tenant and request.app[REPO].points.owner(vm_id) != tenant:
+        raise ApiError(404, "vm_not_found", f"no VM {vm_id} has restore points")
+    return vm_id
+
+
+def _owner(request: web.Request, key: str) -> str:
+    """The tenant a policy concerns, for the audit record: its VM's owner ("" for the default)."""
+    return "" if key == DEFAULT else request.app[REPO].points.owner(key) or ""
+
+
+def _vm_target(request: web.Request) -> str:
+    return request.match_info.get("vm_id", DEFAULT)
 
 
 @roles("admin", "reader")
 async def get_policies(request: web.Request) -> web.Response:
     policies = await run(request, request.app[POLICIES].all)
-    return web.json_response({"default": policies.pop(DEFAULT, None), "vms": policies})
+    default = policies.pop(DEFAULT, None)
+    tenant = scope(request)
+    if tenant:
+        policies = {vm: p for vm, p in policies.items() if request.app[REPO].points.owner(vm) == tenant}
+    return web.json_response({"default": default, "vms": policies})
 
 
 @roles("admin", "reader")
@@ -38,20 +63,26 @@ async def get_vm_policy(request: web.Request) -> web.Response:
 
 
 @roles("admin")
+@audited("retention.set", _vm_target)
 async def put_policy(request: web.Request) -> web.Response:
     key = _key(request)
     policy = check_policy(await read_json(request))
     await run(request, request.app[POLICIES].set, key, policy)
+    add_note(request, policy=policy, tenant=_owner(request, key))
     return web.json_response({"policy": policy})
 
 
 @roles("admin")
+@audited("retention.unset", _vm_target)
 async def delete_policy(request: web.Request) -> web.Response:
-    await run(request, request.app[POLICIES].set, _key(request), None)
+    key = _key(request)
+    await run(request, request.app[POLICIES].set, key, None)
+    add_note(request, tenant=_owner(request, key))
     return web.Response(status=204)
 
 
 @roles("admin")
+@audited("point.protect", lambda request: request.match_info["pid"])
 async def put_protection(request: web.Request) -> web.Response:
     body = await read_json(request)
     note = body.get("note", "") if isinstance(body, dict) else None
@@ -60,11 +91,14 @@ async def put_protection(request: web.Request) -> web.Response:
         raise ApiError(422, "bad_body", 'the body must be {"protected": true|false, "note": "why"} '
                        f"(the note is optional, at most {MAX_NOTE} characters)")
     record = await run(request, request.app[REPO].points.set_protection, request.match_info["pid"],
-                       body["protected"], note)
+                       body["protected"], note, scope(request))
+    add_note(request, tenant=record.get("tenant", ""), protected=body["protected"],
+             note_chars=len(note))  # the note itself stays sealed in the marker, never plain in the log
     return web.json_response(public(record))
 
 
 @roles("admin")
+@audited("prune", lambda request: None)
 async def start_prune(request: web.Request) -> web.Response:
     body = await read_json(request, optional=True)
     if not isinstance(body, dict) or set(body) - PRUNE_FIELDS:
@@ -74,12 +108,14 @@ async def start_prune(request: web.Request) -> web.Response:
     if not isinstance(dry_run, bool):
         raise ApiError(422, "bad_field", "dry_run must be true or false")
     repo, policies = request.app[REPO], request.app[POLICIES]
-    vm = body.get("vm")
-    if vm is not None and repo.points.vm(check_name(vm, "VM id")) is None:
+    vm, tenant = body.get("vm"), scope(request)
+    if vm is not None and repo.points.vm(check_name(vm, "VM id"), tenant) is None:
         raise ApiError(404, "vm_not_found", f"no VM {vm} has restore points")
     override = None if body.get("policy") is None else check_policy(body["policy"])
     params = {"vm": vm, "dry_run": dry_run, "policy": override}
-    job = request.app[JOBS].start("prune", params, lambda job: prune(repo, policies, job.progress, **params))
+    work = audited_job(request, "prune", vm, lambda job: prune(repo, policies, job.progress, tenant=tenant, **params))
+    job = request.app[JOBS].start("prune", params, work, tenant=tenant)
+    add_note(request, target=vm, job=job.id, dry_run=dry_run, policy=override, outcome="started")
     return web.json_response(job.public(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 

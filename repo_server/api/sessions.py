@@ -19,6 +19,8 @@ def _own_session(request: web.Request) -> str:
     sid = request.match_info["sid"]
     header = request.app[REPO].sessions.header(sid)
     token = token_of(request)
+    if token.tenant and header.get("tenant", "") != token.tenant:  # answered like an unknown session
+        raise ApiError(404, "session_not_found", f"no backup session {sid} (it expired or never existed)")
     if token.role != "admin" and header["token_id"] != token.id:
         raise ApiError(403, "forbidden", f"session {sid} belongs to another token")
     return sid

@@ -16,25 +16,31 @@ class GcBarrier:
         self.active = False
         self.chunks: set[bytes] = set()
         self.pages: set[bytes] = set()  # manifest pages referenced by roots created or copied during GC
+        self.tenant_pages: set[tuple[str, bytes]] = set()  # the same, with the tenant the root is for
 
     def touch(self, digests: Iterable[bytes]) -> None:
         """Call with `lock` held."""
         if self.active:
             self.chunks.update(digests)
 
-    def touch_pages(self, pages: Iterable[bytes]) -> None:
+    def touch_pages(self, pages: Iterable[bytes], tenant: str = "") -> None:
         with self.lock:
             if self.active:
+                pages = list(pages)
                 self.pages.update(pages)
+                if tenant:
+                    self.tenant_pages.update((tenant, p) for p in pages)
 
     def start(self) -> None:
         with self.lock:
             self.active = True
             self.chunks.clear()
             self.pages.clear()
+            self.tenant_pages.clear()
 
     def stop(self) -> None:
         with self.lock:
             self.active = False
             self.chunks.clear()
             self.pages.clear()
+            self.tenant_pages.clear()

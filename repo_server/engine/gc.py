@@ -6,7 +6,11 @@
    every open session's copied base roots, staged entries, `missing` pins and blobs; finally the pages
    of roots created or copied while GC ran (the barrier's page set).
 3. Sweep: every indexed chunk neither marked nor barriered leaves the index (under the barrier lock,
-   so it cannot be reported present at the same moment).
+   so it cannot be reported present at the same moment), and so does every tenant's possession of it.
+   Then possession its tenant no longer needs is dropped (else a tenant could upload a guessed chunk,
+   abort, and after a GC learn from `missing` whether another tenant keeps it stored): the mark also
+   marks `tenant_key | id` for what each tenant's points and open sessions reference, roots created or
+   copied during GC are walked for their tenant, and chunks touched during GC keep every possession.
 4. Compact: packs with no live bytes are deleted; sealed packs whose live fraction is under the
    threshold are rewritten into the open pack and deleted. Space comes back in the same run.
 """
@@ -28,6 +32,7 @@ from .faults import crash_point
 from .index import Location
 from .manifest import split_page
 from .pack import RECORD_HEADER
+from .tenants import tenant_key
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -44,6 +49,7 @@ class GcStats:
     swept_bytes: int = 0
     packs_deleted: int = 0
     packs_compacted: int = 0
+    possession_dropped: int = 0
     bytes_freed: int = 0
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)
@@ -70,6 +76,7 @@ class GarbageCollector:
                 crash_point("gc_after_mark")
                 live = self._timed("sweep", self._sweep)
                 crash_point("gc_after_sweep")
+                self._timed("possession", self._sweep_possession)
             finally:
                 self.repo.barrier.stop()
             self._timed("compact", lambda: self._compact(live))
@@ -92,44 +99,55 @@ class GarbageCollector:
 
     # ---------------------------------------------------------------- mark
 
-    def _mark_digests(self, digests: Iterable[bytes]) -> None:
+    def _mark_digests(self, digests: Iterable[bytes], prefix: bytes = b"") -> None:
+        """Mark chunk ids, or with a tenant key prefix a tenant's reference to them."""
         batch = self.index.batch()
         for d in digests:
             if d != ZERO:
-                batch.put("marks", d, b"")
+                batch.put("marks", prefix + d, b"")
                 self.stats.marked += 1
                 if len(batch) >= BATCH:
                     self.index.write(batch)
                     batch = self.index.batch()
         self.index.write(batch)
 
-    def _mark_pages(self, pages: Iterable[bytes], reader) -> None:
-        """Mark pages and their entries, reading each page not marked yet (shared pages are walked once)."""
+    def _mark_pages(self, pages: Iterable[bytes], reader, tenant: bytes = b"") -> None:
+        """Mark pages and their entries, reading each page not marked yet (shared pages are walked once);
+        with a tenant key, mark the tenant's references too (once per tenant and page)."""
         todo = [p for p in dict.fromkeys(pages) if p != ZERO]
         for start in range(0, len(todo), BATCH):
             part = todo[start : start + BATCH]
             known = self.index.multi_get("marks", part)
-            for page, seen in zip(part, known, strict=True):
-                if seen is not None:
+            owned = self.index.multi_get("marks", [tenant + p for p in part]) if tenant else known
+            for page, seen, seen_by_tenant in zip(part, known, owned, strict=True):
+                if seen is not None and seen_by_tenant is not None:
                     continue
-                self._mark_digests(split_page(reader.read_digest(page)))
-                self._mark_digests([page])
-                self.stats.pages_walked += 1
+                entries = split_page(reader.read_digest(page))
+                if seen is None:
+                    self._mark_digests(entries)
+                    self._mark_digests([page])
+                    self.stats.pages_walked += 1
+                if tenant and seen_by_tenant is None:
+                    self._mark_digests([*entries, page], tenant)
 
     def _mark(self) -> None:
         repo = self.repo
         with repo.chunks.reader() as reader:
             for points, (_, value) in enumerate(self.index.scan("points", b"p:"), 1):
                 record = json.loads(value)
-                self._mark_pages((bytes.fromhex(p) for d in record["disks"] for p in d["pages"]), reader)
+                tenant = tenant_key(record["tenant"]) if record.get("tenant") else b""
+                self._mark_pages((bytes.fromhex(p) for d in record["disks"] for p in d["pages"]), reader, tenant)
                 self._mark_blobs(record.get("blobs", {}).values())
                 self.progress("mark points", points, repo.points.point_count)
+            owners = self._session_tenants()
             for key, value in self.index.scan("sessions"):
                 if key.startswith(b"r:"):
-                    self._mark_pages((bytes.fromhex(p) for p in json.loads(value)["pages"]), reader)
+                    sid = key[2:].split(b"/", 1)[0].decode()
+                    self._mark_pages((bytes.fromhex(p) for p in json.loads(value)["pages"]), reader,
+                                     owners.get(bytes.fromhex(sid), b""))
                 elif key.startswith(b"b:"):
                     self._mark_blobs([json.loads(value)])
-            self._mark_digests(self._staged_digests())
+            self._mark_digests(self._staged_digests(owners))
             with repo.barrier.lock:
                 self._walk_barrier_pages(reader)
 
@@ -140,10 +158,21 @@ class GarbageCollector:
         self._mark_pages(new, reader)
         self.walked.update(new)
 
-    def _staged_digests(self) -> Iterable[bytes]:
-        """Map entries (one digest each) and pins (digests back to back) of every open session."""
-        for _, value in self.index.scan("staging"):
-            yield from split_page(value)
+    def _session_tenants(self) -> dict[bytes, bytes]:
+        """Session id (16 bytes) -> tenant key, for the open sessions of tenants' VMs."""
+        headers = (json.loads(v) for _, v in self.index.scan("sessions", b"s:"))
+        return {bytes.fromhex(h["session_id"]): tenant_key(h["tenant"]) for h in headers
+                if h["state"] == "open" and h.get("tenant")}
+
+    def _staged_digests(self, owners: dict[bytes, bytes]) -> Iterable[bytes]:
+        """Map entries (one digest each) and pins (digests back to back) of every open session, each also
+        as its tenant's reference (marks keys: tenant_key | id)."""
+        for key, value in self.index.scan("staging"):
+            tenant = owners.get(key[:16])
+            for d in split_page(value):
+                yield d
+                if tenant and d != ZERO:
+                    yield tenant + d
 
     def _mark_blobs(self, refs: Iterable[dict]) -> None:
         self._mark_digests(bytes.fromhex(c) for ref in refs for c in ref["chunks"])
@@ -171,6 +200,10 @@ class GarbageCollector:
                         dead.append(loc)
                 if dead:
                     self.repo.chunks.forget(dead)
+                    # Same lock: no upload can record possession of these between the two steps.
+                    gone = self.index.batch()
+                    self.repo.possession.forget([loc.record.digest for loc in dead], gone)
+                    self.index.write(gone)
             dead_set = {loc.record.digest for loc in dead}
             for d, v in batch:
                 if d not in dead_set:
@@ -193,6 +226,41 @@ class GarbageCollector:
             if batch:
                 flush()
         return live
+
+    def _sweep_possession(self) -> None:
+        """Drop each tenant's possession that neither its points nor its open sessions reference."""
+        barrier = self.repo.barrier
+        walked: set[tuple[str, bytes]] = set()
+        keys: list[bytes] = []
+
+        def flush() -> None:
+            marks = self.index.multi_get("marks", keys)
+            candidates = [k for k, m in zip(keys, marks, strict=True) if m is None]
+            if not candidates:
+                return
+            with barrier.lock:  # no root can be created or chunk promised while we decide
+                new = barrier.tenant_pages - walked
+                for tenant, page in new:  # roots created or copied during GC, for their tenant
+                    self._mark_pages([page], reader, tenant_key(tenant))
+                walked.update(new)
+                if new:
+                    marks = self.index.multi_get("marks", candidates)
+                    candidates = [k for k, m in zip(candidates, marks, strict=True) if m is None]
+                gone = self.index.batch()
+                for key in candidates:
+                    if key[8:] not in barrier.chunks:
+                        gone.delete("possession", key)
+                self.stats.possession_dropped += len(gone)
+                self.index.write(gone)
+
+        with self.repo.chunks.reader() as reader:
+            for key, _ in self.index.scan("possession"):
+                keys.append(key)
+                if len(keys) >= BATCH:
+                    flush()
+                    keys = []
+            if keys:
+                flush()
 
     # ---------------------------------------------------------------- compact
 

@@ -1,6 +1,7 @@
 """The RocksDB index (rocksdict, raw mode): a rebuildable cache of what packs and point files hold.
 
-Column families (DESIGN §3): chunks, packs, points, sessions, staging, tokens, meta.
+Column families (DESIGN §3): chunks, packs, points, sessions, staging, tokens, meta; marks (GC);
+possession (tenant_key | chunk id: chunks a tenant has proven it holds, see tenants.py).
 rocksdict holds the GIL in get/put/write, so callers keep write batches near 1000 keys and use
 multi-get (which releases the GIL) for lookups.
 """
@@ -25,7 +26,8 @@ from rocksdict import (
 
 from .pack import Record
 
-COLUMN_FAMILIES = ("chunks", "packs", "points", "sessions", "staging", "tokens", "meta", "marks")
+COLUMN_FAMILIES = ("chunks", "packs", "points", "sessions", "staging", "tokens", "meta", "marks",
+                   "possession")
 LOCATION = struct.Struct("<QQIIB")
 U64 = struct.Struct("<Q")
 

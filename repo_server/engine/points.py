@@ -7,7 +7,12 @@ marker written before markers were sealed is still read, and sealed when the rep
 Index keys (CF `points`):
     p:<point_id>            the record
     v:<vm_id>\\0<point_id>   membership, sorted by time (point ids are time-ordered)
-    m:<vm_id>               the VM's summary (name, host, latest point, count)
+    m:<vm_id>               the VM's summary (name, host, latest point, count, tenant)
+    o:<vm_id>               the VM's owner: the tenant whose token first opened a session for it
+
+Every `tenant` argument below scopes the call: "" (an operator token) sees everything, a tenant sees
+only its own VMs and points, and another tenant's object answers exactly like one that does not exist.
+Records written before tenants existed carry no `tenant` and belong to "".
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ def public(record: dict) -> dict:
     out["blobs"] = {name: {"size": b["size"]} for name, b in record.get("blobs", {}).items()}
     out["protected"] = "protection" in record
     return out
+
+
+def visible(tenant: str, owner: str) -> bool:
+    return not tenant or tenant == owner
 
 
 def logical_bytes(record: dict) -> int:
@@ -101,11 +110,11 @@ class PointStore:
             record["protection"] = json.loads(open_marker(self.keyring, path.read_bytes(), str(path)))
         return record
 
-    def set_protection(self, point_id: str, protected: bool, note: str = "") -> dict:
+    def set_protection(self, point_id: str, protected: bool, note: str = "", tenant: str = "") -> dict:
         """Protect a point from prune and DELETE, or release it. Under the lock that delete takes, so a
         point is never deleted between its check and a protection being set."""
         with self._lock:
-            record = self.get(point_id)
+            record = self.get(point_id, tenant)
             marker = self.protection_path(record["vm"]["id"], point_id)
             if protected:
                 write_atomic(marker, self.keyring.seal_file(json.dumps({"note": note, "since": time.time()}).encode()))
@@ -127,9 +136,12 @@ class PointStore:
         vm_id, point_id = record["vm"]["id"], record["point_id"]
         batch.put("points", b"p:" + point_id.encode(), json.dumps(record).encode())
         batch.put("points", f"v:{vm_id}\0{point_id}".encode(), b"")
-        summary = self.vm(vm_id) or {"id": vm_id, "points": 0}
+        tenant = record.get("tenant", "")
+        summary = self.vm(vm_id) or {"id": vm_id, "points": 0, "tenant": tenant}
         summary["points"] += 1
         _add_totals(summary, record, +1)
+        if self.index.get("points", b"o:" + vm_id.encode()) is None:  # a rebuilt index learns owners here
+            batch.put("points", b"o:" + vm_id.encode(), tenant.encode())
         if point_id >= summary.get("latest_point", ""):
             summary |= _latest_fields(record)
         batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
@@ -141,27 +153,55 @@ class PointStore:
         batch.put("meta", b"logical_bytes", U64.pack(self.logical_bytes))
         batch.put("meta", b"point_count", U64.pack(self.point_count))
 
-    def get(self, point_id: str) -> dict:
+    def get(self, point_id: str, tenant: str = "") -> dict:
         check_hex_id(point_id, "point id")
         value = self.index.get("points", b"p:" + point_id.encode())
-        if value is None:
+        record = json.loads(value) if value is not None else None
+        if record is None or not visible(tenant, record.get("tenant", "")):
             raise NotFound(f"no restore point {point_id}", "point_not_found")
-        return self._with_protection(json.loads(value))
+        return self._with_protection(record)
 
-    def vm(self, vm_id: str) -> dict | None:
+    def vm(self, vm_id: str, tenant: str = "") -> dict | None:
         value = self.index.get("points", b"m:" + vm_id.encode())
-        return json.loads(value) if value else None
+        summary = json.loads(value) if value else None
+        return summary if summary and visible(tenant, summary.get("tenant", "")) else None
 
-    def vms(self) -> list[dict]:
-        return [json.loads(v) for _, v in self.index.scan("points", b"m:")]
+    def vms(self, tenant: str = "") -> list[dict]:
+        all_vms = (json.loads(v) for _, v in self.index.scan("points", b"m:"))
+        return [v | {"tenant": v.get("tenant", "")} for v in all_vms if visible(tenant, v.get("tenant", ""))]
+
+    def owner(self, vm_id: str) -> str | None:
+        """The tenant a VM id belongs to; None while no session was ever opened for it."""
+        value = self.index.get("points", b"o:" + vm_id.encode())
+        if value is not None:
+            return value.decode()
+        return "" if self.index.get("points", b"m:" + vm_id.encode()) is not None else None
+
+    def claim(self, vm_id: str, tenant: str) -> str:
+        """The VM's owner, making `tenant` the owner of a VM id nobody has used yet."""
+        with self._lock:
+            owner = self.owner(vm_id)
+            if owner is None:
+                batch = self.index.batch()
+                batch.put("points", b"o:" + vm_id.encode(), tenant.encode())
+                self.index.write(batch, sync=True)
+                owner = tenant
+            return owner
+
+    def tenant_stats(self, tenant: str) -> dict:
+        """A tenant's share of the repository: its VMs, points and their logical bytes."""
+        vms = self.vms(tenant)
+        points = [p for v in vms for p in self.of_vm(v["id"], tenant)] if vms else []
+        return {"vm_count": len(vms), "point_count": len(points),
+                "logical_bytes": sum(logical_bytes(p) for p in points)}
 
     def ids_of_vm(self, vm_id: str) -> list[str]:
         check_name(vm_id, "VM id")
         prefix = f"v:{vm_id}\0".encode()
         return [k[len(prefix) :].decode() for k, _ in self.index.scan("points", prefix)]
 
-    def of_vm(self, vm_id: str) -> list[dict]:
-        if self.vm(check_name(vm_id, "VM id")) is None:
+    def of_vm(self, vm_id: str, tenant: str = "") -> list[dict]:
+        if self.vm(check_name(vm_id, "VM id"), tenant) is None:
             raise NotFound(f"no VM {vm_id} has restore points", "vm_not_found")
         ids = self.ids_of_vm(vm_id)
         values = self.index.multi_get("points", [b"p:" + i.encode() for i in ids])
@@ -171,11 +211,11 @@ class PointStore:
         summary = self.vm(vm_id)
         return self.get(summary["latest_point"]) if summary else None
 
-    def delete(self, point_id: str) -> dict:
+    def delete(self, point_id: str, tenant: str = "") -> dict:
         """Remove a point: the file first, so a crash can never resurrect it. A protected point refuses.
         All under the lock, so two deletes of one point cannot both count it off."""
         with self._lock:
-            record = self.get(point_id)
+            record = self.get(point_id, tenant)
             if "protection" in record:
                 note = record["protection"]["note"]
                 raise Conflict(f"point {point_id} is protected{f' ({note})' if note else ''}; release it first "
@@ -198,7 +238,8 @@ class PointStore:
         if remaining:
             summary = {k: v for k, v in (self.vm(vm_id) or {}).items() if k in TOTALS}
             _add_totals(summary, record, -1)
-            summary |= {"id": vm_id, "points": len(remaining)} | _latest_fields(self.get(remaining[-1]))
+            summary |= {"id": vm_id, "points": len(remaining), "tenant": record.get("tenant", "")} \
+                | _latest_fields(self.get(remaining[-1]))
             batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
         else:
             batch.delete("points", b"m:" + vm_id.encode())
@@ -252,7 +293,7 @@ class PointStore:
         for record in self.of_vm(vm_id):
             summary["points"] += 1
             _add_totals(summary, record, +1)
-            summary |= _latest_fields(record)  # of_vm is oldest first: the last one wins
+            summary |= _latest_fields(record) | {"tenant": record.get("tenant", "")}  # oldest first: last wins
         batch = self.index.batch()
         batch.put("points", b"m:" + vm_id.encode(), json.dumps(summary).encode())
         self.index.write(batch, sync=True)

@@ -32,6 +32,7 @@ from .manifest import split_page
 from .pack import FLAG_META
 from .points import PointStore
 from .sessions import SessionStore
+from .tenants import Possession, rebuild_possession
 from .tokens import TokenStore
 
 Pin = Callable[[list[bytes]], None]
@@ -159,6 +160,7 @@ class Repository:
         self.gc_lock = threading.Lock()
         self.chunks = ChunkStore(self.index, data / "packs", self.barrier, self.keyring, pack_size=pack_size)
         self.points = PointStore(self.index, data / "points", self.keyring)
+        self.possession = Possession(self.index)
         self.sessions = SessionStore(self)
         self.tokens = TokenStore(self.index)
         self.recovery: RecoveryReport = self.chunks.recover()
@@ -215,8 +217,13 @@ class Repository:
                 out += bytes(want) if piece == ZERO.hex() else reader.read_digest(bytes.fromhex(piece))
         return bytes(out)
 
-    def stats(self) -> dict:
+    def stats(self, tenant: str = "") -> dict:
+        """Repository figures; for a tenant only its own (global unique and stored bytes would tell it
+        how much other tenants hold and, over time, whether they store what it uploads)."""
         c, p = self.chunks, self.points
+        if tenant:
+            return {"repository_id": self.descriptor.repository_id, "chunk_size": self.chunk_size,
+                    "format_version": self.descriptor.format_version, "tenant": tenant} | p.tenant_stats(tenant)
         return {
             "repository_id": self.descriptor.repository_id,
             "chunk_size": self.chunk_size,
@@ -263,7 +270,8 @@ def rebuild_index(data: Path, passphrase: str | None = None) -> dict:
         for key, value in tokens:
             batch.put("tokens", key, value)
         repo.index.write(batch, sync=True)
+        possession = rebuild_possession(repo)  # unsynced: one lost entry costs its tenant one upload
         return {"packs_scanned": repo.recovery.packs_scanned, "chunks": repo.chunks.chunk_count,
-                "points": repo.points_recovered, "tokens_kept": len(tokens)}
+                "points": repo.points_recovered, "tokens_kept": len(tokens), "possession": possession}
     finally:
         repo.close()

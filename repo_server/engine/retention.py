@@ -142,19 +142,20 @@ class Policies:
 
 
 def prune(repo: Repository, policies: Policies, progress: Progress, *, vm: str | None = None,
-          policy: dict[str, int] | None = None, dry_run: bool = True) -> dict:
-    """Plan (and unless dry_run, delete) per VM. `policy` overrides every VM's own for this run.
+          policy: dict[str, int] | None = None, dry_run: bool = True, tenant: str = "") -> dict:
+    """Plan (and unless dry_run, delete) per VM. `policy` overrides every VM's own for this run;
+    `tenant` limits the run to that tenant's VMs.
 
     Points committed while this runs are not in the plan and so are kept. A point protected after its
     plan was made refuses deletion (Conflict) and is reported kept; one deleted meanwhile is gone anyway.
     """
-    vm_ids = [vm] if vm else sorted(v["id"] for v in repo.points.vms())
+    vm_ids = [vm] if vm else sorted(v["id"] for v in repo.points.vms(tenant))
     stored = policies.all()  # one snapshot for the whole run
     results = []
     for done, vm_id in enumerate(vm_ids):
         progress("prune", done, len(vm_ids))
         try:
-            records = repo.points.of_vm(vm_id)
+            records = repo.points.of_vm(vm_id, tenant)
         except NotFound:  # its last point went while we worked
             continue
         applied, source = (policy, "override") if policy is not None else effective(stored, vm_id)
@@ -163,7 +164,7 @@ def prune(repo: Repository, policies: Policies, progress: Progress, *, vm: str |
         if not dry_run:
             for point in list(removed):
                 try:
-                    repo.points.delete(point["point_id"])
+                    repo.points.delete(point["point_id"], tenant)
                 except Conflict:
                     removed.remove(point)
                     kept.append(point | {"reasons": ["protected"]})

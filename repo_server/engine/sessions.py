@@ -115,15 +115,19 @@ class SessionStore:
         if len({d["disk_id"] for d in disks}) != len(disks):
             raise Invalid("disk ids must be unique within a session", "bad_field")
         base = self._base_point(vm_id, body.get("base", "latest"), token)
+        owner = self.repo.points.claim(vm_id, token.tenant)
+        if token.tenant and owner != token.tenant:
+            raise Forbidden(f"VM id {vm_id} is used by another tenant; give this VM another id", "vm_not_yours")
         sid = secrets.token_hex(16)
         now = time.time()
+        # tenant: whose point this becomes (the VM's owner); scoped: the caller is held to possession.
         header = {"session_id": sid, "state": "open", "host": host, "vm": {"id": vm_id, "name": vm_name},
                   "disks": disks, "consistency": consistency, "base_point": base and base["point_id"],
-                  "created": now, "token_id": token.id}
+                  "created": now, "token_id": token.id, "tenant": owner, "scoped": bool(token.tenant)}
         batch = self.index.batch()
         batch.put("sessions", f"s:{sid}".encode(), json.dumps(header).encode())
         base_disks = {d["disk_id"]: d for d in base["disks"]} if base else {}
-        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in base_disks.values() for p in d["pages"])
+        self.repo.barrier.touch_pages((bytes.fromhex(p) for d in base_disks.values() for p in d["pages"]), owner)
         for d in disks:
             b = base_disks.get(d["disk_id"])
             if b:
@@ -145,15 +149,15 @@ class SessionStore:
         if base is None:
             return None
         if base == "latest":
+            if self.repo.points.vm(vm_id, token.tenant) is None:
+                return None
             if own:
                 return self.repo.points.latest(vm_id)
-            if self.repo.points.vm(vm_id) is None:
-                return None
             mine = [p for p in self.repo.points.of_vm(vm_id) if p["token_id"] == token.id]
             return mine[-1] if mine else None
         if not isinstance(base, str):
             raise Invalid("base must be \"latest\", a point id or null", "bad_field")
-        point = self.repo.points.get(base)
+        point = self.repo.points.get(base, token.tenant)
         if point["vm"]["id"] != vm_id:
             raise Invalid(f"base point {base} belongs to another VM ({point['vm']['id']})", "bad_base")
         if not own and point["token_id"] != token.id:
@@ -196,7 +200,9 @@ class SessionStore:
     # ---------------------------------------------------------------- data
 
     def missing(self, sid: str, body: bytes) -> bytes:
-        self.open_header(sid)
+        """Bit i set = upload chunk i. For a scoped session "present" also needs the tenant's possession
+        (tenants.py), so the answer never says whether another tenant stores a chunk."""
+        header = self.open_header(sid)
         if len(body) % DIGEST_LEN or not 0 < len(body) // DIGEST_LEN <= MAX_MISSING_QUERY:
             raise Invalid(f"the body must be 1..{MAX_MISSING_QUERY} digests of 32 bytes; got {len(body)} bytes",
                           "bad_body")
@@ -207,6 +213,9 @@ class SessionStore:
         # and the GC barrier) in the same critical section as the lookup, so a sweep cannot slip between.
         with barrier.lock:
             found = self.index.multi_get("chunks", digests)
+            if header.get("scoped"):
+                found = [v if own else None
+                         for v, own in zip(found, self.repo.possession.has(header["tenant"], digests), strict=True)]
             present = [d for d, v in zip(digests, found, strict=True) if v is not None]
             self.pin(sid, present)
             barrier.touch(present)
@@ -226,11 +235,20 @@ class SessionStore:
             self.index.write(batch)
 
     def store_chunks(self, sid: str, chunks: list[NewChunk]) -> PutResult:
-        self.open_header(sid)
+        """Store verified chunks. A scoped session's upload proves possession; its answer counts from the
+        tenant's view (stored = new to the tenant), or "duplicate" would tell it another tenant has them."""
+        header = self.open_header(sid)
         ids = self.repo.chunk_ids([c.digest for c in chunks])
         chunks = [NewChunk(i, c.flags, c.raw_len, c.stored) for i, c in zip(ids, chunks, strict=True)]
         self.pin(sid, ids)
+        scoped = header.get("scoped")
+        held = self.repo.possession.has(header["tenant"], ids) if scoped else []
         result = self.repo.chunks.put(chunks)
+        if scoped:  # answer from the tenant's view: "new" = new to this tenant (a global count would leak)
+            self.repo.possession.record(header["tenant"], ids)
+            fresh = [c for c, had in zip(chunks, held, strict=True) if not had]
+            result = PutResult(len(fresh), len(chunks) - len(fresh), sum(len(c.stored) for c in fresh),
+                               sum(c.raw_len for c in fresh))
         self._add_stats(sid, uploaded_chunks=result.stored, duplicate_chunks=result.duplicate,
                         new_bytes=result.raw_bytes, stored_bytes=result.bytes)
         return result
@@ -246,14 +264,14 @@ class SessionStore:
         count = len(body) // MAP_RECORD.size
         slices = [(start, min(count, start + MAP_SLICE)) for start in range(0, count, MAP_SLICE)]
         for first, stop in slices:
-            self._check_slice(disk, self._records(body, first, stop))
+            self._check_slice(header, disk, self._records(body, first, stop))
         sid_bytes = bytes.fromhex(sid)
         barrier = self.repo.barrier
         for first, stop in slices:
             records = self._records(body, first, stop)
             with barrier.lock:  # staged (or barriered) before any sweep can look at these chunks
                 if barrier.active:  # a sweep may have run since the check: check again under the lock
-                    self._check_slice(disk, records)
+                    self._check_slice(header, disk, records)
                 batch = self.index.batch()
                 for index, d in records:
                     batch.put("staging", STAGING_KEY.pack(sid_bytes, ordinal, index), d)
@@ -268,13 +286,19 @@ class SessionStore:
         ids = self.repo.chunk_ids([d for _, d in records])
         return [(index, i) for (index, _), i in zip(records, ids, strict=True)]
 
-    def _check_slice(self, disk: dict, records: list[tuple[int, bytes]]) -> None:
-        """Each index inside the disk; each digest ZERO or present with exactly its index's length."""
+    def _check_slice(self, header: dict, disk: dict, records: list[tuple[int, bytes]]) -> None:
+        """Each index inside the disk; each digest ZERO or present with exactly its index's length. In a
+        scoped session present also means possessed by the tenant: mapping a guessed digest of another
+        tenant's chunk and then restoring the point would otherwise read that tenant's data."""
         disk_id, size, chunk_size = disk["disk_id"], disk["size"], self.repo.chunk_size
         chunks = manifest.chunk_count(size, chunk_size)
         distinct = list({d for _, d in records if d != ZERO})
+        found = self.index.multi_get("chunks", distinct)
+        if header.get("scoped"):
+            found = [v if own else None
+                     for v, own in zip(found, self.repo.possession.has(header["tenant"], distinct), strict=True)]
         raw_len = {d: None if v is None else RAW_LEN.unpack_from(v, RAW_LEN_OFFSET)[0]
-                   for d, v in zip(distinct, self.index.multi_get("chunks", distinct), strict=True)}
+                   for d, v in zip(distinct, found, strict=True)}
         for index, d in records:
             if index >= chunks:
                 raise Invalid(f"chunk index {index} is beyond the end of disk {disk_id} "
@@ -340,9 +364,12 @@ class SessionStore:
                 base = json.loads(base) if base else {"size": 0, "pages": [], "allocated_chunks": 0}
                 base_root = [bytes.fromhex(p) for p in base["pages"]]
                 changes: Iterable[tuple[int, bytes]] = self._staged(sid, ordinal)
+                fixes: dict[int, bytes] = {}
                 if base["size"] != disk["size"]:
                     fixes = self._fit_edges(sid, ordinal, base, base_root, disk["size"], reader)
                     changes = heapq.merge(changes, sorted(fixes.items()))
+                if header.get("tenant"):  # the point's tenant references these chunks from now on
+                    self._possess(header, ordinal, fixes.values())
                 result = manifest.assemble(
                     base_root=base_root, base_size=base["size"], base_allocated=base["allocated_chunks"],
                     size=disk["size"], chunk_size=chunk_size, changes=changes, load=load,
@@ -354,7 +381,7 @@ class SessionStore:
                                      "allocated_chunks": result.allocated_chunks,
                                      "changed_chunks": result.changed_chunks,
                                      "changed_bytes": result.changed_bytes})
-        self.repo.barrier.touch_pages(bytes.fromhex(p) for d in disks for p in d["pages"])
+        self.repo.barrier.touch_pages((bytes.fromhex(p) for d in disks for p in d["pages"]), header.get("tenant", ""))
         crash_point("after_pages")
         blobs = {k.decode().split("/", 1)[1]: json.loads(v)
                  for k, v in self.index.scan("sessions", f"b:{sid}/".encode())}
@@ -362,7 +389,8 @@ class SessionStore:
         record = {
             "point_id": new_point_id(), "session_id": sid, "vm": header["vm"], "host": header["host"],
             "created": time.time(), "consistency": header["consistency"], "base_point": header["base_point"],
-            "chunk_size": chunk_size, "token_id": header["token_id"], "disks": disks, "blobs": blobs,
+            "chunk_size": chunk_size, "token_id": header["token_id"], "tenant": header.get("tenant", ""),
+            "disks": disks, "blobs": blobs,
             "stats": {
                 "read_bytes": read_bytes,
                 "changed_bytes": sum(d["changed_bytes"] for d in disks),
@@ -378,6 +406,17 @@ class SessionStore:
         repo.points.save(record, batch)
         crash_point("after_commit")
         return record
+
+    def _possess(self, header: dict, ordinal: int, made: Iterable[bytes]) -> None:
+        """Record the tenant's possession of what its point will reference: chunks the server cut for it,
+        and (when an operator token filled a tenant's VM) every mapped chunk. A scoped session's mapped
+        chunks were already checked to be possessed."""
+        tenant = header["tenant"]
+        self.repo.possession.record(tenant, made)
+        if not header.get("scoped"):
+            staged = (d for _, d in self._staged(header["session_id"], ordinal))
+            while part := list(itertools.islice(staged, INDEX_BATCH)):
+                self.repo.possession.record(tenant, part)
 
     def _staged(self, sid: str, ordinal: int) -> Iterator[tuple[int, bytes]]:
         """Staged entries of one disk in index order (keys are big-endian), streamed from the index."""

@@ -65,18 +65,27 @@ class TokenStore:
 
     def verify(self, token: str) -> TokenInfo | None:
         """The token's record, or None when it is unknown or expired."""
-        value = self.index.get("tokens", _key(token))
-        info = TokenInfo(**json.loads(value)) if value else None
+        info = self.lookup(token)
         return None if info is None or info.expired() else info
 
-    def list(self) -> list[TokenInfo]:
-        return [TokenInfo(**json.loads(v)) for _, v in self.index.scan("tokens")]
+    def lookup(self, token: str) -> TokenInfo | None:
+        """The token's record even when expired (expired records are kept, so the server can tell the
+        holder its token expired instead of calling it unknown), or None when unknown."""
+        value = self.index.get("tokens", _key(token))
+        return TokenInfo(**json.loads(value)) if value else None
 
-    def revoke(self, token_id: str) -> None:
+    def list(self, tenant: str = "") -> list[TokenInfo]:
+        """Every token, or with `tenant` only that tenant's."""
+        infos = (TokenInfo(**json.loads(v)) for _, v in self.index.scan("tokens"))
+        return [t for t in infos if not tenant or t.tenant == tenant]
+
+    def revoke(self, token_id: str, tenant: str = "") -> TokenInfo:
+        """Revoke by id; with `tenant`, another tenant's token is "not found" like an unknown id."""
         for key, value in self.index.scan("tokens"):
-            if json.loads(value)["id"] == token_id:
+            info = TokenInfo(**json.loads(value))
+            if info.id == token_id and (not tenant or info.tenant == tenant):
                 batch = self.index.batch()
                 batch.delete("tokens", key)
                 self.index.write(batch, sync=True)
-                return
+                return info
         raise NotFound(f"no token with id {token_id!r:.40}", "token_not_found")
