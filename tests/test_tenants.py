@@ -336,14 +336,14 @@ async def test_expired_tokens_are_refused_with_a_clear_message(server: ServerPro
     # The CLI: --expires with a duration, the list shows tenant and expiry.
     env_server = ["--server", server.url, "--token", server.admin_token]
     made = subprocess.run([sys.executable, "-m", "chunkyard.cli", "token", "create", "--role", "collector",
-                           "--name", "c1", "--tenant", "acme", "--expires", "30d", *env_server],
+                           "--name", "acme-collector-1", "--tenant", "acme", "--expires", "30d", *env_server],
                           cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert "tenant acme" in made.stdout and "expires" in made.stdout
     listed = subprocess.run([sys.executable, "-m", "chunkyard.cli", "token", "list", *env_server],
                             cwd=ROOT, capture_output=True, text=True)
     assert "TENANT" in listed.stdout and "EXPIRES" in listed.stdout
-    row = next(line for line in listed.stdout.splitlines() if "c1" in line)
+    row = next(line for line in listed.stdout.splitlines() if line.endswith("acme-collector-1"))
     assert "acme" in row and "never" not in row
     for bad in ("0", "-3d", "soon", "12x"):
         failed = subprocess.run([sys.executable, "-m", "chunkyard.cli", "token", "create", "--role", "reader",
