@@ -16,7 +16,7 @@ from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invali
 from tiering.config import parse_tiers
 from tiering.sync import TierSync
 
-from . import admin, catalog, jobs, retention, sessions
+from . import admin, catalog, fleet, jobs, retention, sessions
 from .admin import TIERS
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
@@ -117,6 +117,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     catalog.add_routes(app)
     jobs.add_routes(app)
     retention.add_routes(app)
+    fleet.add_routes(app)  # after the repository's lifecycle: its own needs the repository open
     return app
 
 
