@@ -24,6 +24,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from repo_server.engine.errors import Conflict, Invalid, NotFound
 from repo_server.engine.names import check_name
 
@@ -523,6 +525,26 @@ class Fleet:
         if run is None or not visible(scope, run["tenant"]):
             raise NotFound(f"no run {run_id[:80]!r} (the newest {KEEP_RUNS} runs per job are kept)", "run_not_found")
         return detail(run)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metric_families(self) -> Iterable[Metric]:
+        """Prometheus families for /metrics: run outcomes since start, VMs of active runs by state,
+        collectors online. Safe to call from another thread (it copies before iterating)."""
+        outcomes = CounterMetricFamily("chunkyard_fleet_runs", "Finished backup job runs by outcome (since start).",
+                                       labels=["tenant", "job", "state"])
+        for (tenant, job, state), n in sorted(self.outcomes.copy().items()):
+            outcomes.add_metric([tenant, job, state], n)
+        vms = GaugeMetricFamily("chunkyard_fleet_vms", "VMs of active backup job runs by state.", labels=["state"])
+        states = Counter(v["state"] for r in list(self.runs.values()) if r["state"] in ACTIVE for v in list(r["vms"]))
+        for state in ("queued", "running", "retrying"):
+            vms.add_metric([state], states.get(state, 0))
+        online = GaugeMetricFamily("chunkyard_fleet_collectors_online", "Pull collectors seen recently.",
+                                   labels=["tenant"])
+        by_tenant = Counter(c["tenant"] for c in list(self.collectors.values()) if self.online(c))
+        for tenant in sorted({c["tenant"] for c in list(self.collectors.values())}):
+            online.add_metric([tenant], by_tenant.get(tenant, 0))
+        return [outcomes, vms, online]
 
     # ------------------------------------------------------------------ stale VMs
 

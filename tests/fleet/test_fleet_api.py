@@ -44,7 +44,8 @@ async def test_register_dispatch_progress_result_history(api: Api) -> None:
     assert answer == {"name": "col1", "poll_seconds": 2.0}
     assert (await api.ok("POST", "/collectors", INVENTORY))["name"] == "col1"  # idempotent
     collectors = (await api.ok("GET", "/collectors"))["collectors"]
-    assert [(c["name"], c["version"], c["online"], len(c["hosts"])) for c in collectors] == [("col1", "test-1", True, 2)]
+    assert [(c["name"], c["version"], c["online"], len(c["hosts"])) for c in collectors] == [
+        ("col1", "test-1", True, 2)]
 
     created = await api.ok("POST", "/backup-jobs", job(vm_pattern="WEB-*", bandwidth_mib_s=2), status=201)
     assert created["next_run"] > time.time() and created["last_run"] is None
