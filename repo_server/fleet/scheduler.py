@@ -309,8 +309,9 @@ class Fleet:
                 if not ready or busy[vm["host"]] >= run["settings"]["max_per_host"]:
                     continue
                 vm["attempt"] += 1
+                # the previous attempt's error stays visible until this attempt reports
                 vm |= {"state": "running", "work_id": f"{run['run_id']}.{index}.{vm['attempt']}", "progress": None,
-                       "error": None, "retry_at": None, "started": now, "last_contact": now}
+                       "retry_at": None, "started": now, "last_contact": now}
                 run["state"] = "running"
                 await self._save_run(run)
                 bandwidth = run["settings"]["bandwidth_mib_s"]
