@@ -154,7 +154,7 @@ def cmd_show(args: argparse.Namespace, call: Call) -> None:
 
 def cmd_run(args: argparse.Namespace, call: Call) -> None:
     async def go(c: Client) -> dict:
-        run_id = await c.run_backup_job(args.name)
+        run_id = await c.run_backup_job(args.name, full=args.full)
         if not args.wait:
             return {"run_id": run_id}
         return await follow_run(c, run_id, f"job {args.name} run {run_id}")
@@ -238,6 +238,8 @@ def add_job_parser(sub: argparse._SubParsersAction, client_args: Callable[[argpa
     sp.add_argument("name", help="job name")
     sp.add_argument("--wait", action="store_true",
                     help="follow the run's progress until it ends; exit status 1 unless every VM succeeded")
+    sp.add_argument("--full", action="store_true",
+                    help="read every disk in full instead of only the changed blocks (still deduplicated)")
     client_args(sp)
     sp.set_defaults(func=lambda args: cmd_run(args, call))
 

@@ -344,9 +344,9 @@ class Client:
         resp = await self._request("DELETE", f"/backup-jobs/{_q(name)}")
         resp.release()
 
-    async def run_backup_job(self, name: str) -> str:
-        """Start a run now, outside the schedule -> its run id."""
-        return (await self.json("POST", f"/backup-jobs/{_q(name)}/run", {}))["run_id"]
+    async def run_backup_job(self, name: str, *, full: bool = False) -> str:
+        """Start a run now, outside the schedule (full: ignore change tracking) -> its run id."""
+        return (await self.json("POST", f"/backup-jobs/{_q(name)}/run", {"full": full}))["run_id"]
 
     async def backup_job_runs(self, name: str, limit: int = 20) -> list[dict]:
         return (await self.json("GET", f"/backup-jobs/{_q(name)}/runs?limit={int(limit)}"))["runs"]

@@ -47,7 +47,7 @@ def transient(exc: BaseException) -> bool:
     """True for failures that go away by themselves (server down or restarting, network drop)."""
     if isinstance(exc, ApiError):
         return exc.status in TRANSIENT_STATUS
-    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError,
                             ConnectionError))
 
 
@@ -95,7 +95,7 @@ class TokenBucket:
         self.burst = float(burst if burst is not None else rate)  # one second's worth
         self.clock, self.sleep = clock, sleep
         self.tokens = self.burst
-        self.stamp = clock()
+        self.stamp = self.created = clock()
         self.granted = 0
         self.waited = 0.0
         self._lock = asyncio.Lock()
@@ -275,7 +275,13 @@ class Agent:
         self.registered_at = time.monotonic()
 
     async def poll(self) -> dict | None:
-        return await self.client.poll_work(self.name, max(1, min(60, int(self.poll_seconds))))
+        try:
+            return await self.client.poll_work(self.name, max(1, min(60, int(self.poll_seconds))))
+        except ApiError as e:
+            if e.code != "collector_not_found":
+                raise
+            await self.register(refresh=True)  # the server forgot us (a restored data directory): introduce again
+            return None
 
     async def deliver(self) -> None:
         """Post every kept result; one the server refuses outright (4xx) is dropped with a log line."""
