@@ -41,7 +41,7 @@ def check_job(body: object, *, tenant: str, tiers: list[str]) -> dict:
     missing = [k for k in REQUIRED if k not in body]
     if missing:
         raise Invalid(f"a backup job needs {', '.join(missing)}", "bad_job")
-    job = DEFAULTS | {k: v for k, v in body.items() if v is not None or k in ("retention", "tier", "bandwidth_mib_s")}
+    job = DEFAULTS | body
     job["name"] = check_name(job["name"], "job name")
     job["collector"] = check_name(job["collector"], "collector name")
     owner = job.pop("tenant", tenant)

@@ -332,6 +332,8 @@ class Fleet:
                 or int(index) >= len(run["vms"]):
             raise NotFound(f"no work item {work_id[:80]!r}", "work_not_found")
         vm = run["vms"][int(index)]
+        if f"{run_id}.{int(index)}.{int(rest)}" != work_id or not 0 < int(rest) <= vm["attempt"]:
+            raise NotFound(f"no work item {work_id[:80]!r}", "work_not_found")  # never handed out
         return run, vm, vm["work_id"] == work_id and vm["state"] == "running"
 
     def progress(self, scope: str, work_id: str, body: object) -> dict:
