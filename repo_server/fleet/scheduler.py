@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -43,6 +44,12 @@ MAX_CATCH_UP = 10_000  # schedule occurrences stepped through after downtime bef
 Prune = Callable[[str, dict], Awaitable[dict]]  # (vm_id, policy) -> prune summary
 Notify = Callable[[str, dict], Awaitable[None]]  # (event, details)
 LastGood = Callable[[list[str]], Awaitable[dict[str, float | None]]]  # vm ids -> newest point time
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule(text: str) -> calendar.Schedule:
+    """Parsed once: the scheduler asks every tick."""
+    return calendar.parse(text)
 
 
 def _bad(message: str) -> Invalid:
@@ -234,12 +241,12 @@ class Fleet:
         if not job["enabled"]:
             return None
         after = datetime.fromtimestamp(job["last_scheduled"], UTC)
-        nxt = calendar.parse(job["schedule"]).next_after(after)
+        nxt = _schedule(job["schedule"]).next_after(after)
         return nxt.timestamp() if nxt else None
 
     def _catch_up(self, job: dict, now: float) -> float | None:
         """The newest schedule occurrence in (last_scheduled, now], recorded as handled; None if none."""
-        schedule = calendar.parse(job["schedule"])
+        schedule = _schedule(job["schedule"])
         latest = None
         at = datetime.fromtimestamp(job["last_scheduled"], UTC)
         for _ in range(MAX_CATCH_UP):
