@@ -19,6 +19,9 @@ from tests.helpers import backup, make_disk
 
 from .fleet_server import INVENTORY, Api, fleet_server, job, result
 
+# Loopback SMTP in a test: AUTH without TLS is what we mean to exercise here.
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+
 
 class Inbox:
     """What the SMTP server and the webhook received."""
@@ -27,6 +30,16 @@ class Inbox:
         self.mails: list[email.message.EmailMessage] = []
         self.hooks: list[dict] = []
         self.fail_next_hook = 0
+        self.logins: list[str] = []
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        """aiosmtpd's authenticator hook: one user, one password."""
+        from aiosmtpd.smtp import AuthResult
+
+        good = (auth_data.login, auth_data.password) == (b"chunkyard", b"s3cret")
+        if good:
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=good)
 
     async def handle_DATA(self, server, session, envelope) -> str:  # the aiosmtpd handler hook
         self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
@@ -51,7 +64,8 @@ async def inbox() -> AsyncIterator[tuple[Inbox, int, int]]:
     controller_module = require_module("aiosmtpd.controller")
     box = Inbox()
     smtp_port = free_port()
-    controller = controller_module.Controller(box, hostname="127.0.0.1", port=smtp_port)
+    controller = controller_module.Controller(box, hostname="127.0.0.1", port=smtp_port, authenticator=box.authenticate,
+                                              auth_required=True, auth_require_tls=False)
     controller.start()
     app = web.Application()
     app.router.add_post("/hook", box.hook)
@@ -64,7 +78,10 @@ async def inbox() -> AsyncIterator[tuple[Inbox, int, int]]:
     controller.stop()
 
 
-def notify_server(tmp_path: Path, smtp_port: int, hook_port: int, on: str, stale_hours: float = 26) -> ServerProcess:
+def notify_server(tmp_path: Path, smtp_port: int, hook_port: int, on: str, stale_hours: float = 26,
+                  password: str = "") -> ServerProcess:
+    """A server notifying the test's SMTP server and webhook; without `password` in the file, the SMTP
+    password comes from $CHUNKYARD_SMTP_PASSWORD."""
     server, _ = fleet_server(tmp_path, extra=f"""
 [notify]
 webhook_url = "http://127.0.0.1:{hook_port}/hook"
@@ -74,8 +91,10 @@ mail_from = "chunkyard@example.test"
 mail_to = ["ops@example.test", "oncall@example.test"]
 on = {on}
 stale_hours = {stale_hours}
+smtp_user = "chunkyard"
+smtp_password = "{password}"
 """)
-    server.start()
+    server.start(env={} if password else {"CHUNKYARD_SMTP_PASSWORD": "s3cret"})
     return server
 
 
@@ -102,6 +121,7 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
         assert "- web-b (vm-b) on hv1: succeeded, point p-b, crash consistency" in text
         hook = box.hooks[0]
         assert box.fail_next_hook == 0  # the refused first delivery was retried
+        assert box.logins == ["chunkyard"]  # with the password from the environment
         assert hook["event"] == "failure" and hook["subject"] == mail["Subject"] and hook["text"] == text
         assert hook["run"]["job"] == "nightly" and hook["run"]["state"] == "partial"
         failed = [v for v in hook["run"]["vms"] if v["state"] == "failed"]
@@ -123,7 +143,8 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
 
 async def test_stale_alert_once_per_episode(tmp_path: Path, inbox: tuple[Inbox, int, int]) -> None:
     box, smtp_port, hook_port = inbox
-    server = notify_server(tmp_path, smtp_port, hook_port, '["stale"]', stale_hours=0.0005)  # 1.8 s
+    server = notify_server(tmp_path, smtp_port, hook_port, '["stale"]', stale_hours=0.0005,
+                           password="s3cret")  # 1.8 s
     api = Api(server.url, server.admin_token)
     try:
         await api.ok("POST", "/collectors", INVENTORY)
