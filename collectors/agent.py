@@ -305,11 +305,13 @@ class Agent:
                  f", limit {format_size(options['bandwidth_bytes_per_s'])}/s"
                  if options.get("bandwidth_bytes_per_s") else "")
         started = time.monotonic()
+        resumed = False
         while True:
             progress = WorkProgress()
             try:
                 result, consistency = await self._attempt(work, progress)
                 body = result_body(work, result, consistency, time.monotonic() - started, None)
+                resumed = result.resumed_session
                 break
             except WorkGone:
                 log.warning("work %s: the server no longer knows it; dropped", work_id)
@@ -332,7 +334,7 @@ class Agent:
         self.outbox.put(work_id, body)
         self.current.remove()
         self.completed += 1
-        self._log_finish(work, body)
+        self._log_finish(work, body, resumed)
         await self._retrying(self.deliver)
         return body
 
@@ -394,13 +396,14 @@ class Agent:
             except Exception as e:
                 log.debug("work %s: progress report failed: %s", work_id, _describe(e))
 
-    def _log_finish(self, work: dict, body: dict) -> None:
+    def _log_finish(self, work: dict, body: dict, resumed: bool) -> None:
         vm = work["vm"].get("name")
         if body["ok"]:
-            log.info("work %s: done %s: point %s, %s, read %s, changed %s, new %s, sent %s in %.1f s",
+            log.info("work %s: done %s: point %s, %s, read %s, changed %s, new %s, sent %s in %.1f s%s",
                      work["work_id"], vm, body["point_id"], body["consistency"], format_size(body["bytes_read"]),
                      format_size(body["bytes_changed"]), format_size(body["bytes_new"]),
-                     format_size(body["bytes_sent"]), body["duration_s"])
+                     format_size(body["bytes_sent"]), body["duration_s"],
+                     " (resumed an interrupted session)" if resumed else "")
         else:
             log.error("work %s: FAILED %s after %.1f s (read %s): %s", work["work_id"], vm, body["duration_s"],
                       format_size(body["bytes_read"]), body["error"])

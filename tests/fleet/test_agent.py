@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from chunkyard.wire import ApiError, Client
 from collectors.agent import Agent, Backoff, Outbox, TokenBucket, inventory, transient
 from collectors.sources import VmInfo
 from collectors.sources.lab import LabSource, init_lab
-from tests.conftest import ServerProcess, free_port, require_tool
+from tests.conftest import ROOT, ServerProcess, free_port, require_tool
 from tests.fleet.fleet_server import fleet_server
 from tests.helpers import MiB, restore
 
@@ -312,13 +315,15 @@ async def test_result_kept_through_a_network_drop_and_a_collector_restart(tmp_pa
     assert not Outbox(state / "outbox").pending() and second.completed == 0
 
 
-async def test_server_killed_mid_backup_then_the_session_resumes(tmp_path: Path, fleet) -> None:
+async def test_server_killed_mid_backup_then_the_session_resumes(tmp_path: Path, fleet,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """The server is killed while a backup uploads and started again: the collector backs off, resumes its
     open session (nothing uploaded twice), and the run still ends with a point equal to the disk."""
     server, tokens = fleet
     require_tool("qemu-img")
     lab = tmp_path / "big-lab"
     init_lab(lab, vms=1, disk_size=64 * MiB, seed=32)  # about 25 MiB to send: two upload bodies
+    caplog.set_level("INFO", logger="chunkyard.collector")
     agent = Agent(Client(server.url, tokens["c1"]), LabSource(lab), "c1", tmp_path / "state",
                   backoff=Backoff(base=0.05, cap=0.3), progress_every=0.05)
     async with running(agent):
@@ -343,6 +348,7 @@ async def test_server_killed_mid_backup_then_the_session_resumes(tmp_path: Path,
             assert await restore(admin, vm["point_id"], point["disks"][0]["disk_id"]) == \
                 raw_of(lab / "vm01" / "sys.vhdx", tmp_path / "vm01.raw")
     assert not list((tmp_path / "state" / "sessions").glob("*.session.json"))
+    assert any("(resumed an interrupted session)" in r.getMessage() for r in caplog.records)
 
 
 async def _stored_chunks(admin: Client, n: int) -> bool:
@@ -396,3 +402,50 @@ async def test_job_deleted_mid_backup_cancels_it(tmp_path: Path, lab: Path, flee
     assert run["state"] == "failed" and run["vms"][0]["error"] == "cancelled: the job was deleted"
     assert not agent.outbox.pending() and agent.current.load() is None
     assert not (lab / "vm01" / "checkpoint.json").exists()  # the checkpoint was rolled back
+
+
+async def test_sigterm_mid_backup_then_the_next_start_resumes_it(tmp_path: Path, fleet) -> None:
+    """A real `chunkyard collector run` process stopped by SIGTERM mid-backup exits cleanly, keeps the work item
+    and its session; started again, it resumes both, and no chunk crosses the wire twice."""
+    server, tokens = fleet
+    require_tool("qemu-img")
+    lab = tmp_path / "big-lab"
+    init_lab(lab, vms=1, disk_size=64 * MiB, seed=33)
+    state, log = tmp_path / "state", tmp_path / "collector.log"
+    cmd = [sys.executable, "-m", "chunkyard.cli", "collector", "run", "--server", server.url, "--token",
+           tokens["c1"], "--source", f"lab:{lab}", "--name", "c1", "--state-dir", str(state)]
+
+    def start() -> subprocess.Popen:
+        with open(log, "a") as out:
+            return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+    proc = start()
+    try:
+        async with server.client() as admin:
+            await until(admin.collectors, "the collector to register")
+            await admin.create_backup_job({"name": "one", "collector": "c1", "schedule": "yearly", "missed": "skip",
+                                           "bandwidth_mib_s": 8})
+            run_id = await admin.run_backup_job("one")
+            await until(lambda: _stored_chunks(admin, 3), "the first uploads to land")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+            assert "work in flight resumes at the next start" in log.read_text()
+            assert (state / "work.json").exists() and list((state / "sessions").glob("*.session.json"))
+            assert not (lab / "vm01" / "checkpoint.json").exists()  # the checkpoint was rolled back
+            assert (await admin.backup_run(run_id))["vms"][0]["state"] == "running"
+
+            proc = start()
+            run = await finished(admin, run_id)
+            assert run["state"] == "succeeded", run
+            [vm] = run["vms"]
+            assert vm["attempt"] == 1  # the same work item, finished by the restarted process
+            point = await admin.point(vm["point_id"])
+            assert point["stats"]["duplicate_chunks"] == 0
+            assert await restore(admin, vm["point_id"], point["disks"][0]["disk_id"]) == \
+                raw_of(lab / "vm01" / "sys.vhdx", tmp_path / "vm01.raw")
+            text = log.read_text()
+            assert "resuming after an interruption" in text and "(resumed an interrupted session)" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
