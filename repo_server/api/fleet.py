@@ -158,8 +158,14 @@ async def fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await notifier.close()
 
 
+async def release_pollers(app: web.Application) -> None:
+    if FLEET in app:
+        app[FLEET].release_pollers()
+
+
 def add_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(fleet_lifecycle)
+    app.on_shutdown.append(release_pollers)  # before aiohttp waits for running handlers
     r = app.router
     r.add_post("/api/v1/collectors", register_collector)
     r.add_get("/api/v1/collectors", list_collectors)

@@ -143,6 +143,7 @@ class Fleet:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-io")  # one writer: in order
         self._tasks: set[asyncio.Task] = set()
         self._next_stale_check = 0.0
+        self._closing = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,6 +173,13 @@ class Fleet:
                 if job["missed"] == "run" and job["enabled"] and self._active_run_of(job) is None:
                     await self._create_run(job, "missed", now)
         await self._save_jobs()
+
+    def release_pollers(self) -> None:
+        """Answer every waiting long-poll now (with no work): the server is shutting down and must not
+        wait for them."""
+        self._closing = True
+        for event in self._wake.values():
+            event.set()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -293,7 +301,7 @@ class Fleet:
                 event.clear()
                 item = await self._take(key)
                 left = deadline - time.monotonic()
-                if item is not None or left <= 0:
+                if item is not None or left <= 0 or self._closing:
                     return item
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, self.tick_seconds))

@@ -217,3 +217,12 @@ async def test_missed_run_policy(srv: ServerProcess, api: Api, missed: str) -> N
         assert [r["trigger"] for r in after].count("missed") == 1
     else:
         assert "missed" not in [r["trigger"] for r in after]
+
+
+async def test_shutdown_answers_waiting_long_polls(srv: ServerProcess, api: Api) -> None:
+    await api.ok("POST", "/collectors", INVENTORY)
+    poll = asyncio.create_task(api.call("GET", "/collectors/col1/work?wait=60"))
+    await asyncio.sleep(0.5)  # the poll is waiting inside the server
+    await asyncio.get_running_loop().run_in_executor(None, srv.stop)
+    assert (await poll)[0] == 204  # answered at shutdown, not cut off by a kill after the stop timeout
+    assert srv.proc is not None and srv.proc.returncode == 0
