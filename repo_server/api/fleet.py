@@ -57,7 +57,9 @@ async def list_collectors(request: web.Request) -> web.Response:
 @roles("admin", "collector")
 async def take_work(request: web.Request) -> web.Response:
     wait = _number_param(request, "wait", 30.0, 0.0, MAX_WAIT, integer=False)
-    item = await request.app[FLEET].take_work(_scope(request), request.match_info["name"], wait)
+    item = await request.app[FLEET].take_work(
+        _scope(request), request.match_info["name"], wait,
+        lambda: request.transport is not None and not request.transport.is_closing())
     return web.Response(status=204) if item is None else web.json_response(item)
 
 

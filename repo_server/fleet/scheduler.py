@@ -287,8 +287,10 @@ class Fleet:
     def list_collectors(self, scope: str) -> list[dict]:
         return [c | {"online": self.online(c)} for c in self.collectors.values() if visible(scope, c["tenant"])]
 
-    async def take_work(self, tenant: str, name: str, wait: float) -> dict | None:
-        """The collector's next work item, waiting up to `wait` seconds for one (no thread is held)."""
+    async def take_work(self, tenant: str, name: str, wait: float,
+                        connected: Callable[[], bool] = lambda: True) -> dict | None:
+        """The collector's next work item, waiting up to `wait` seconds for one (no thread is held).
+        Stops waiting once `connected()` says the caller hung up, so no work goes to a closed connection."""
         key = (tenant, check_name(name, "collector name"))
         if key not in self.collectors:
             raise NotFound(f"collector {name!r} is not registered: POST /collectors first", "collector_not_found")
@@ -299,6 +301,8 @@ class Fleet:
             while True:
                 self.collectors[key]["last_seen"] = time.time()
                 event.clear()
+                if not connected():
+                    return None
                 item = await self._take(key)
                 left = deadline - time.monotonic()
                 if item is not None or left <= 0 or self._closing:

@@ -226,3 +226,19 @@ async def test_shutdown_answers_waiting_long_polls(srv: ServerProcess, api: Api)
     await asyncio.get_running_loop().run_in_executor(None, srv.stop)
     assert (await poll)[0] == 204  # answered at shutdown, not cut off by a kill after the stop timeout
     assert srv.proc is not None and srv.proc.returncode == 0
+
+
+async def test_a_poll_whose_client_hung_up_gets_no_work(srv: ServerProcess, api: Api) -> None:
+    await api.ok("POST", "/collectors", INVENTORY)
+    await api.ok("POST", "/backup-jobs", job(vm_pattern="db-c"), status=201)
+    gone = Api(srv.url, srv.admin_token)
+    poll = asyncio.create_task(gone.call("GET", "/collectors/col1/work?wait=30"))
+    await asyncio.sleep(0.5)
+    poll.cancel()
+    await gone.close()  # the connection closes while the server waits
+    await asyncio.sleep(0.5)
+    run_id = (await api.ok("POST", "/backup-jobs/nightly/run", status=202))["run_id"]
+    await asyncio.sleep(1)  # several ticks: the abandoned poll must not take the work
+    assert (await api.ok("GET", f"/runs/{run_id}"))["vms"][0]["state"] == "queued"
+    item = await api.ok("GET", "/collectors/col1/work?wait=5")
+    assert item["vm"]["id"] == "vm-c" and item["work_id"].endswith(".1")
