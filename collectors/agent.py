@@ -36,7 +36,7 @@ from chunkyard.units import format_size
 from chunkyard.wire import ApiError, Client
 
 from .pipeline import Options, Result, run_backup
-from .sources import Source, VmInfo
+from .sources import Source, SourceError, VmInfo
 
 log = logging.getLogger("chunkyard.collector")
 
@@ -180,6 +180,24 @@ class WorkProgress(Progress):
                 "rate_bytes_per_s": round(self._rate or 0.0)}
 
 
+def work_problem(work: object) -> str | None:
+    """What is wrong with a work item (from the server, or the state file of one in flight); None if runnable."""
+    if not isinstance(work, dict) or not isinstance(work.get("work_id"), str) or not work["work_id"]:
+        return "no work_id"
+    vm = work.get("vm")
+    if not isinstance(vm, dict) or not isinstance(vm.get("id"), str) or not vm["id"]:
+        return "no vm.id"
+    options = work.get("options") or {}
+    if not isinstance(options, dict):
+        return "options is not an object"
+    limit = options.get("bandwidth_bytes_per_s")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < 1e15):
+        return "options.bandwidth_bytes_per_s is not a positive number or null"
+    if not isinstance(options.get("full", False), bool):
+        return "options.full is not true or false"
+    return None
+
+
 class WorkGone(Exception):
     """The server no longer knows the work item (answered 404 to its progress)."""
 
@@ -234,14 +252,29 @@ class Agent:
                 if time.monotonic() - self.registered_at > self.inventory_every:
                     await self._retrying(lambda: self.register(refresh=True))
                 work = await self._retrying(self.poll)
-                if work is None:
+                if work is None or not await self._acceptable(work):
                     continue
                 self.current.save(work)
             await self.execute(work)
 
+    async def _acceptable(self, work: object) -> bool:
+        """A malformed work item is refused with a failed result (when it can be named), never run."""
+        problem = work_problem(work)
+        if problem is None:
+            return True
+        log.error("the server sent a malformed work item (%s): %.200s", problem, json.dumps(work))
+        if isinstance(work, dict) and isinstance(work.get("work_id"), str) and work["work_id"]:
+            self.outbox.put(work["work_id"], result_body(work, None, None, 0.0, f"malformed work item: {problem}"))
+            await self._retrying(self.deliver)
+        return False
+
     def _interrupted_work(self) -> dict | None:
         work = self.current.load()
         if work is None:
+            return None
+        if (problem := work_problem(work)) is not None:
+            log.warning("%s holds no usable work item (%s); ignoring it", self.current.path, problem)
+            self.current.remove()
             return None
         if any(d["work_id"] == work.get("work_id") for d in self.outbox.pending()):
             self.current.remove()  # it finished; only its result was left to deliver
@@ -269,7 +302,12 @@ class Agent:
     async def register(self, *, refresh: bool = False) -> None:
         """Register (idempotent); refresh=True re-reads the inventory from the source."""
         if refresh or self.hosts is None:
-            self.hosts = inventory(await asyncio.to_thread(self.source.vms))
+            try:
+                self.hosts = inventory(await asyncio.to_thread(self.source.vms))
+            except SourceError as e:
+                if self.hosts is None:
+                    raise
+                log.warning("could not refresh the inventory (%s); keeping the last one", e)
         answer = await self.client.register_collector(self.name, __version__, self.hosts)
         self.poll_seconds = float(answer.get("poll_seconds") or self.poll_seconds)
         self.registered_at = time.monotonic()

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from chunkyard import __version__
 from chunkyard.wire import ApiError, Client
-from collectors.agent import Agent, Backoff, Outbox, TokenBucket, inventory, transient
+from collectors.agent import Agent, Backoff, Outbox, TokenBucket, inventory, transient, work_problem
 from collectors.sources import VmInfo
 from collectors.sources.lab import LabSource, init_lab
 from tests.conftest import ROOT, ServerProcess, free_port, require_tool
@@ -117,6 +118,21 @@ def test_outbox_keeps_results_in_order_and_survives_garbage(tmp_path: Path) -> N
     box.remove("w/1")
     assert [d["work_id"] for d in box.pending()] == ["w2"]
     assert Outbox(tmp_path / "outbox").pending()[0]["result"] == {"ok": False}  # a new process sees it
+
+
+def test_malformed_work_items_are_named() -> None:
+    good = {"work_id": "r.0.1", "run_id": "r", "job": "j", "host": "h", "vm": {"id": "v", "name": "n"},
+            "options": {"bandwidth_bytes_per_s": None, "full": False}}
+    assert work_problem(good) is None
+    assert work_problem(good | {"options": None}) is None
+    assert work_problem(good | {"options": {"bandwidth_bytes_per_s": 1048576, "full": True}}) is None
+    bad = [None, [], "work", {}, good | {"work_id": 7}, good | {"work_id": ""}, good | {"vm": "v"},
+           good | {"vm": {"name": "n"}}, good | {"vm": {"id": ["v"]}}, good | {"options": [1]},
+           good | {"options": {"bandwidth_bytes_per_s": 0}}, good | {"options": {"bandwidth_bytes_per_s": -5}},
+           good | {"options": {"bandwidth_bytes_per_s": True}}, good | {"options": {"bandwidth_bytes_per_s": "9"}},
+           good | {"options": {"bandwidth_bytes_per_s": 1e300}}, good | {"options": {"full": "yes"}}]
+    for work in bad:
+        assert work_problem(work), work
 
 
 # ------------------------------------------------------------------------------------------ against the server
@@ -449,3 +465,27 @@ async def test_sigterm_mid_backup_then_the_next_start_resumes_it(tmp_path: Path,
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+async def test_garbage_state_files_and_a_vanished_vm(tmp_path: Path, lab: Path, fleet) -> None:
+    """Unusable state files are ignored (not fatal); a VM that left the host since registration fails its
+    work item with the source's message, and the collector goes on to the next one."""
+    server, tokens = fleet
+    state = tmp_path / "state"
+    (state / "outbox").mkdir(parents=True)
+    (state / "work.json").write_text('{"work_id": 5, "vm": []}')
+    (state / "outbox" / "x.json").write_bytes(b"\x00\xff garbage")
+    agent = Agent(Client(server.url, tokens["c1"]), LabSource(lab), "c1", state)
+    async with server.client() as admin, running(agent):
+        await until(admin.collectors, "the collector to register")
+        assert agent.current.load() is None
+        shutil.rmtree(lab / "vm02")  # gone from the host, still in the registered inventory
+        await admin.create_backup_job({"name": "all", "collector": "c1", "schedule": "yearly", "missed": "skip",
+                                       "retries": 0})
+        run = await finished(admin, await admin.run_backup_job("all"))
+        await until(lambda: idle(agent), "the collector to settle its outbox")
+    assert run["state"] == "partial"
+    states = {v["vm"]["name"]: (v["state"], v["error"]) for v in run["vms"]}
+    assert states["vm01"] == ("succeeded", None)
+    assert states["vm02"][0] == "failed" and "no VM" in states["vm02"][1] and "its VMs: vm01" in states["vm02"][1]
+    assert agent.completed == 2
