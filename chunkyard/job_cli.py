@@ -93,11 +93,11 @@ def _vm_totals(run: dict) -> tuple[int, int]:
 
 
 def print_runs(runs: list[dict]) -> None:
-    print(f"{'RUN':<24}{'STARTED':<21}{'TRIGGER':<10}{'STATE':<11}{'READ':>11}{'SENT':>11}{'TIME':>10}")
+    print(f"{'RUN':<28}{'STARTED':<21}{'TRIGGER':<10}{'STATE':<11}{'READ':>11}{'SENT':>11}{'TIME':>10}")
     for r in runs:
         totals = r.get("totals") or {}
         took = (r["finished"] - r["started"]) if r.get("finished") and r.get("started") else None
-        print(f"{r['run_id']:<24}{_when(r.get('started')):<21}{r.get('trigger', '-'):<10}{r['state']:<11}"
+        print(f"{r['run_id']:<28}{_when(r.get('started')):<21}{r.get('trigger', '-'):<10}{r['state']:<11}"
               f"{format_size(totals.get('bytes_read', 0)):>11}{format_size(totals.get('bytes_sent', 0)):>11}"
               f"{format_duration(took) if took is not None else '-':>10}")
 
@@ -122,16 +122,23 @@ def print_run(run: dict) -> None:
 
 async def follow_run(client: Client, run_id: str, label: str, *, interval: float = 0.5,
                      progress: Progress | None = None) -> dict:
-    """Poll a run until it finishes, drawing its VMs' combined progress (bytes read of the VMs started)."""
+    """Poll a run until it finishes, drawing its VMs' combined progress: bytes read by the VMs that finished
+    and by those running, of what those VMs plan to read (VMs not started yet are not known)."""
     progress = progress or Progress(None, label)
     with progress:
         while True:
             run = await client.backup_run(run_id)
-            live = [v["progress"] for v in run.get("vms", []) if v.get("progress")]
+            done = total = 0
+            for vm in run.get("vms", []):
+                if vm["state"] == "running" and vm.get("progress"):
+                    done += vm["progress"]["done_bytes"]
+                    total += vm["progress"]["total_bytes"] or 0
+                elif vm["state"] in ("succeeded", "failed"):
+                    done += vm.get("bytes_read") or 0
+                    total += vm.get("bytes_read") or 0
             ok, n = _vm_totals(run)
             progress.label = f"{label}: {ok}/{n} VMs done"
-            progress.total = sum(p["total_bytes"] for p in live) or None
-            done = sum(p["done_bytes"] for p in live)
+            progress.total = total or None
             if done > progress.done:
                 progress.update(done - progress.done)
             if run["state"] in FINISHED:

@@ -43,8 +43,9 @@ def cmd_run(args: argparse.Namespace, client_factory: Callable[[argparse.Namespa
             try:
                 await agent.run()
             except asyncio.CancelledError:
-                log.info("collector %s stopped after %d work items; work in flight resumes at the next start",
-                         name, agent.completed)
+                pending = agent.current.load()
+                log.info("collector %s stopped after %d work items%s", name, agent.completed,
+                         f"; work {pending.get('work_id')} resumes at the next start" if pending else "")
             except ApiError as e:
                 hint = {401: " (check --token: a collector token of this server)",
                         403: " (the token's role must be collector)"}.get(e.status, "")
