@@ -393,8 +393,13 @@ async def test_backs_off_while_the_server_is_down_then_comes_back(tmp_path: Path
             await admin.create_backup_job({"name": "one", "collector": "c1", "vm_pattern": "vm02",
                                            "schedule": "yearly", "missed": "skip"})
             run = await finished(admin, await admin.run_backup_job("one"))
-    assert run["state"] == "succeeded"
+            tracked = await finished(admin, await admin.run_backup_job("one"))
+            full = await finished(admin, await admin.run_backup_job("one", full=True))
+    assert run["state"] == tracked["state"] == full["state"] == "succeeded"
     assert agent.backoff.attempt == 0  # a success resets the backoff
+    # options.full: change tracking ignored, everything allocated read again (and deduplicated).
+    assert tracked["vms"][0]["bytes_read"] == 0
+    assert full["vms"][0]["bytes_read"] == run["vms"][0]["bytes_read"] > 0 and full["vms"][0]["bytes_new"] == 0
 
 
 async def test_job_deleted_mid_backup_cancels_it(tmp_path: Path, lab: Path, fleet) -> None:
