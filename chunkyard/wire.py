@@ -319,7 +319,8 @@ class Client:
 
     async def poll_work(self, name: str, wait: float) -> dict | None:
         """Long-poll for one work item; None when nothing arrived within `wait` seconds."""
-        resp = await self._request("GET", f"/collectors/{_q(name)}/work", params={"wait": str(int(wait))})
+        resp = await self._request("GET", f"/collectors/{_q(name)}/work", params={"wait": str(int(wait))},
+                                   timeout=aiohttp.ClientTimeout(total=wait + 30, sock_connect=30))
         async with resp:
             return None if resp.status == 204 else await resp.json()
 

@@ -5,7 +5,7 @@ registers its name, version and inventory (the hosts and VMs its source sees), a
 poll, runs each work item with the ordinary pipeline, streams progress, and posts the result.
 
 What keeps it going (state in --state-dir):
-- connection errors and 502/503/504 answers back off exponentially with jitter, capped (default 30 s);
+- connection errors and 408/429/502/503/504 answers back off exponentially with jitter, capped (default 30 s);
 - `work.json` holds the work item in flight: a collector killed or stopped mid-backup picks it up again
   when it starts, if the server still knows the item (the first progress report says so);
 - `sessions/` is the pipeline's state directory, so a re-run resumes the interrupted backup session
@@ -40,7 +40,7 @@ from .sources import Source, SourceError, VmInfo
 
 log = logging.getLogger("chunkyard.collector")
 
-TRANSIENT_STATUS = (502, 503, 504)  # a proxy or a starting server: try again later
+TRANSIENT_STATUS = (408, 429, 502, 503, 504)  # a proxy, a busy or a starting server: try again later
 
 
 def transient(exc: BaseException) -> bool:
@@ -327,7 +327,7 @@ class Agent:
             try:
                 await self.client.work_result(doc["work_id"], doc["result"])
             except ApiError as e:
-                if transient(e) or e.status >= 500:
+                if transient(e) or e.status >= 500 or e.status in (401, 403):  # kept: the token is the problem
                     raise
                 log.warning("work %s: the server refused its result (%s); dropping it", doc["work_id"], e)
             self.outbox.remove(doc["work_id"])

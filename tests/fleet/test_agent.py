@@ -102,6 +102,7 @@ def test_transient_errors() -> None:
     assert transient(ConnectionRefusedError())
     assert transient(TimeoutError())
     assert transient(ApiError(503, "unavailable", "starting"))
+    assert transient(ApiError(429, "busy", "slow down"))
     assert not transient(ApiError(401, "unauthorized", "bad token"))
     assert not transient(ApiError(422, "bad", "bad body"))
     assert not transient(ValueError("bug"))
