@@ -17,6 +17,7 @@ What keeps it going (state in --state-dir):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -399,7 +400,13 @@ class Agent:
             await asyncio.gather(reporter, backup_task, return_exceptions=True)
 
     async def _backup(self, vm: dict, options: Options, progress: WorkProgress) -> tuple[Result, str]:
-        backup = await asyncio.to_thread(self.source.begin, vm["id"])
+        taking = asyncio.ensure_future(asyncio.to_thread(self.source.begin, vm["id"]))
+        try:
+            backup = await asyncio.shield(taking)
+        except asyncio.CancelledError:  # the thread still takes the checkpoint: release it, do not leave it
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread((await taking).end, False)
+            raise
         try:
             progress.phase = "read"
             result = await run_backup(self.client, backup, options=options, progress=progress)

@@ -91,7 +91,8 @@ def add_collector_parser(sub: argparse._SubParsersAction, client_args: Callable[
     sp.add_argument("--max-backoff", type=float, default=30.0, metavar="SECONDS",
                     help="longest wait between attempts to reach the server (default 30)")
     sp.add_argument("--verbose", action="store_true", help="log debug details too")
-    client_args(sp)
+    sp.add_argument("--server", help="server URL (default: $CHUNKYARD_SERVER or http://127.0.0.1:8420)")
+    sp.add_argument("--token", help="a collector token of that server (default: $CHUNKYARD_TOKEN)")
     sp.set_defaults(func=lambda args: cmd_run(args, client_factory))
 
     sp = csub.add_parser("list", help="collectors the server knows: tenant, version, online, hosts and VMs")
