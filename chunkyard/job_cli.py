@@ -54,6 +54,16 @@ def job_body(args: argparse.Namespace) -> dict:
     return body
 
 
+DEFINITION = ("name", "tenant", "collector", "host_pattern", "vm_pattern", "schedule", "retention", "tier",
+              "max_per_host", "bandwidth_mib_s", "retries", "retry_delay_s", "missed", "enabled")
+
+
+async def set_enabled(client: Client, name: str, enabled: bool) -> dict:
+    """Switch a job's schedule on or off, keeping the rest of its definition (PUT replaces it whole)."""
+    job = await client.backup_job(name)
+    return await client.replace_backup_job(name, {k: job[k] for k in DEFINITION if k in job} | {"enabled": enabled})
+
+
 def _retention_text(policy: dict | None) -> str:
     return ", ".join(f"{k.removeprefix('keep_')} {n}" for k, n in policy.items()) if policy else "keep every point"
 
@@ -184,6 +194,16 @@ def cmd_history(args: argparse.Namespace, call: Call) -> None:
         _show(args, call(args, lambda c: c.backup_job_runs(args.name, args.limit)), print_runs)
 
 
+def cmd_enable(args: argparse.Namespace, call: Call, enabled: bool) -> None:
+    def line(job: dict) -> None:
+        if enabled:
+            print(f"Job {job['name']} is enabled; next run {_when(job.get('next_run'))}.")
+        else:
+            print(f"Job {job['name']} is disabled: its schedule no longer fires (`job run` still works).")
+
+    _show(args, call(args, lambda c: set_enabled(c, args.name, enabled)), line)
+
+
 def cmd_delete(args: argparse.Namespace, call: Call) -> None:
     call(args, lambda c: c.delete_backup_job(args.name))
     print(f"Deleted job {args.name}; its run history stays readable by run id.")
@@ -199,7 +219,7 @@ def _positive(text: str) -> int:
 def add_job_parser(sub: argparse._SubParsersAction, client_args: Callable[[argparse.ArgumentParser], None],
                    call: Call) -> None:
     p = sub.add_parser(
-        "job", help="backup jobs run by pull collectors: create, list, show, run, history, delete",
+        "job", help="backup jobs run by pull collectors: create, list, show, run, history, enable, disable, delete",
         description="Backup jobs live on the server: which VMs (name patterns on one collector), when (a calendar "
                     "schedule), how long to keep points, and limits. The scheduler hands each VM to the collector "
                     "(`chunkyard collector run`), which reports progress and results back.",
@@ -240,6 +260,12 @@ def add_job_parser(sub: argparse._SubParsersAction, client_args: Callable[[argpa
         sp.add_argument("name", help="job name")
         client_args(sp)
         sp.set_defaults(func=lambda args, f=func: f(args, call))
+    for name, enabled, text in (("enable", True, "let the job's schedule fire again"),
+                                ("disable", False, "stop the job's schedule (manual runs still work)")):
+        sp = jsub.add_parser(name, help=text)
+        sp.add_argument("name", help="job name")
+        client_args(sp)
+        sp.set_defaults(func=lambda args, e=enabled: cmd_enable(args, call, e))
 
     sp = jsub.add_parser("run", help="run a job now, outside its schedule")
     sp.add_argument("name", help="job name")

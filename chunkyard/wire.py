@@ -341,6 +341,10 @@ class Client:
     async def backup_job(self, name: str) -> dict:
         return await self.json("GET", f"/backup-jobs/{_q(name)}")
 
+    async def replace_backup_job(self, name: str, job: dict) -> dict:
+        """PUT: the whole definition is replaced (fields left out take their defaults)."""
+        return await self.json("PUT", f"/backup-jobs/{_q(name)}", job)
+
     async def delete_backup_job(self, name: str) -> None:
         resp = await self._request("DELETE", f"/backup-jobs/{_q(name)}")
         resp.release()

@@ -49,6 +49,13 @@ def test_job_commands_and_their_errors(srv: ServerProcess, tmp_path: Path) -> No
     shown = run(srv, "job", "show", "nightly")
     assert "last 3, daily 7" in shown.stdout and "12.5 MiB/s" in shown.stdout and "1 (after 60 s)" in shown.stdout
 
+    off = run(srv, "job", "disable", "nightly")
+    assert off.returncode == 0 and "disabled" in off.stdout
+    assert "enabled       no" in run(srv, "job", "show", "nightly").stdout
+    on = json.loads(run(srv, "job", "enable", "nightly", "--json").stdout)
+    assert on["enabled"] is True and on["retention"] == job["retention"] and on["bandwidth_mib_s"] == 12.5
+    assert on["next_run"] == job["next_run"]  # the rest of the definition is kept
+
     # A run on a collector that never registered fails at once: --wait says so and exits 1.
     failed = run(srv, "job", "run", "nightly", "--wait")
     assert failed.returncode == 1 and "failed" in failed.stderr, failed
@@ -74,6 +81,7 @@ def test_job_commands_and_their_errors(srv: ServerProcess, tmp_path: Path) -> No
         (["job", "show", "nosuch"], "nosuch"),
         (["job", "run", "nosuch", "--wait"], "nosuch"),
         (["job", "delete", "nosuch"], "nosuch"),
+        (["job", "enable", "nosuch"], "nosuch"),
     ):
         out = run(srv, *args)
         assert out.returncode == 2 and out.stderr.startswith("chunkyard: server said:") and message in out.stderr, \
