@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from repo_server.engine import Invalid, NotFound
 from repo_server.fleet.notify import Notifier
 from repo_server.fleet.scheduler import Fleet
 
@@ -144,11 +145,21 @@ async def fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
         return await loop.run_in_executor(app[POOL], newest)
 
+    async def point_of(point_id: str) -> dict | None:
+        def get() -> dict | None:
+            try:
+                return repo.points.get(point_id)
+            except (NotFound, Invalid):
+                return None
+
+        return await loop.run_in_executor(app[POOL], get)
+
     notifier = Notifier(config.notify)
     fleet = Fleet(repo.data / "fleet", poll_seconds=config.fleet_poll_seconds,
                   silent_seconds=config.fleet_silent_seconds, tick_seconds=config.fleet_tick_seconds,
                   tiers=[t.name for t in app[TIERS].tiers], prune=prune, notify=notifier.send,
-                  last_good=last_good, stale_hours=config.notify.stale_hours if "stale" in config.notify.on else 0)
+                  last_good=last_good, point_of=point_of,
+                  stale_hours=config.notify.stale_hours if "stale" in config.notify.on else 0)
     await fleet.start()
     app[FLEET] = fleet
     task = asyncio.create_task(fleet.run_forever())

@@ -44,6 +44,7 @@ MAX_CATCH_UP = 10_000  # schedule occurrences stepped through after downtime bef
 Prune = Callable[[str, dict], Awaitable[dict]]  # (vm_id, policy) -> prune summary
 Notify = Callable[[str, dict], Awaitable[None]]  # (event, details)
 LastGood = Callable[[list[str]], Awaitable[dict[str, float | None]]]  # vm ids -> newest point time
+PointOf = Callable[[str], Awaitable[dict | None]]  # point id -> its record, None when there is none
 
 
 @functools.lru_cache(maxsize=1024)
@@ -127,11 +128,12 @@ def visible(scope: str, tenant: str) -> bool:
 class Fleet:
     def __init__(self, root: Path, *, poll_seconds: float = 30, silent_seconds: float = 300,
                  tick_seconds: float = 1.0, tiers: Iterable[str] = (), prune: Prune | None = None,
-                 notify: Notify | None = None, last_good: LastGood | None = None, stale_hours: float = 0):
+                 notify: Notify | None = None, last_good: LastGood | None = None, point_of: PointOf | None = None,
+                 stale_hours: float = 0):
         self.store = FleetStore(root)
         self.poll_seconds, self.silent_seconds, self.tick_seconds = poll_seconds, silent_seconds, tick_seconds
         self.tiers = list(tiers)
-        self.prune, self.notify, self.last_good = prune, notify, last_good
+        self.prune, self.notify, self.last_good, self.point_of = prune, notify, last_good, point_of
         self.stale_seconds = stale_hours * 3600
         self.jobs: dict[tuple[str, str], dict] = {}
         self.collectors: dict[tuple[str, str], dict] = {}
@@ -383,6 +385,13 @@ class Fleet:
         if body["ok"] and not fields["point_id"]:
             raise _bad("a successful result names the restore point it created (point_id)")
         run, vm, current = self._work(scope, work_id)
+        if current and body["ok"] and self.point_of is not None:
+            point = await self.point_of(fields["point_id"])
+            if point is None or point["vm"]["id"] != vm["vm"]["id"]:
+                raise Invalid(f"point_id {fields['point_id'][:80]!r} is not a restore point of VM {vm['vm']['id']!r}: "
+                              "report ok only after the session's commit", "bad_point")
+            fields["consistency"] = fields["consistency"] or point.get("consistency")
+            current = vm["work_id"] == work_id and vm["state"] == "running"  # a duplicate may have won meanwhile
         if not current:
             return
         now = time.time()

@@ -11,6 +11,7 @@ import aiohttp
 
 from repo_server.engine import Repository
 from tests.conftest import ServerProcess
+from tests.helpers import backup, make_disk
 
 FAST = """
 [server]
@@ -75,3 +76,11 @@ def job(name: str = "nightly", **fields: Any) -> dict:
 def result(ok: bool = True, point_id: str | None = None, error: str | None = None, **counters: Any) -> dict:
     return {"ok": ok, "point_id": point_id, "consistency": "crash" if ok else None, "bytes_read": 1000,
             "bytes_changed": 500, "bytes_new": 200, "bytes_sent": 150, "duration_s": 1.5, "error": error} | counters
+
+
+async def real_points(server: ServerProcess, vm_ids: list[str] = ("vm-a", "vm-b", "vm-c", "vm-d")) -> dict[str, str]:
+    """One real restore point per VM (a 1 MiB disk through the backup protocol): vm id -> point id, what a
+    collector reports after its commit."""
+    async with server.client() as client:
+        return {vm: (await backup(client, vm, {"d0": make_disk("r", seed=n)}))["point_id"]
+                for n, vm in enumerate(vm_ids)}

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ServerProcess
 
-from .fleet_server import INVENTORY, Api, fleet_server, job, result
+from .fleet_server import INVENTORY, Api, fleet_server, job, real_points, result
 
 
 @pytest.fixture
@@ -39,7 +39,8 @@ async def wait_run(api: Api, run_id: str, states: tuple[str, ...] = ("succeeded"
         await asyncio.sleep(0.1)
 
 
-async def test_register_dispatch_progress_result_history(api: Api) -> None:
+async def test_register_dispatch_progress_result_history(srv: ServerProcess, api: Api) -> None:
+    points = await real_points(srv)
     answer = await api.ok("POST", "/collectors", INVENTORY)
     assert answer == {"name": "col1", "poll_seconds": 2.0}
     assert (await api.ok("POST", "/collectors", INVENTORY))["name"] == "col1"  # idempotent
@@ -68,12 +69,14 @@ async def test_register_dispatch_progress_result_history(api: Api) -> None:
     assert run["state"] == "running"
     assert next(v for v in run["vms"] if v["work_id"] == first)["progress"] == progress
 
-    for n, item in enumerate(items):
-        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=f"p{n}"), status=204)
+    for item in items:
+        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=points[item["vm"]["id"]]), status=204)
     items.append(await api.ok("GET", "/collectors/col1/work?wait=5"))  # hv1's second VM, now its turn
     assert items[2]["host"] == "hv1"
-    await api.ok("POST", f"/work/{items[2]['work_id']}/result", result(point_id="p2"), status=204)
-    await api.ok("POST", f"/work/{first}/result", result(point_id="p0"), status=204)  # a retry: no double count
+    await api.ok("POST", f"/work/{items[2]['work_id']}/result", result(point_id=points[items[2]["vm"]["id"]]),
+                 status=204)
+    again = result(point_id=points[items[0]["vm"]["id"]])
+    await api.ok("POST", f"/work/{first}/result", again, status=204)  # a retry: no double count
     run = await wait_run(api, run_id)
     assert run["state"] == "succeeded" and run["finished"] is not None
     assert {i["vm"]["id"] for i in items} == {"vm-a", "vm-b", "vm-d"}
@@ -106,7 +109,8 @@ async def test_failed_vm_is_retried_then_fails_the_run(api: Api) -> None:
     assert run["totals"]["failed"] == 1
 
 
-async def test_silent_collector_work_fails_and_is_retried(api: Api) -> None:
+async def test_silent_collector_work_fails_and_is_retried(srv: ServerProcess, api: Api) -> None:
+    points = await real_points(srv, ["vm-c"])
     await api.ok("POST", "/collectors", INVENTORY)
     await api.ok("POST", "/backup-jobs", job(vm_pattern="db-c", retries=1, retry_delay_s=0), status=201)
     run_id = (await api.ok("POST", "/backup-jobs/nightly/run", status=202))["run_id"]
@@ -118,12 +122,14 @@ async def test_silent_collector_work_fails_and_is_retried(api: Api) -> None:
     assert "silent" in run["vms"][0]["error"]  # the failed attempt's reason stays until this one reports
     await api.ok("POST", f"/work/{first['work_id']}/result", result(point_id="late"), status=204)  # superseded
     assert (await api.ok("GET", f"/runs/{run_id}"))["vms"][0]["state"] == "running"
-    await api.ok("POST", f"/work/{second['work_id']}/result", result(point_id="p1"), status=204)
+    await api.ok("POST", f"/work/{second['work_id']}/result", result(point_id=points["vm-c"]), status=204)
     run = await wait_run(api, run_id)
-    assert run["state"] == "succeeded" and run["vms"][0]["point_id"] == "p1" and run["vms"][0]["error"] is None
+    assert run["state"] == "succeeded" and run["vms"][0]["point_id"] == points["vm-c"]
+    assert run["vms"][0]["error"] is None
 
 
-async def test_max_per_host_and_partial(api: Api) -> None:
+async def test_max_per_host_and_partial(srv: ServerProcess, api: Api) -> None:
+    points = await real_points(srv, ["vm-a", "vm-b", "vm-c"])
     await api.ok("POST", "/collectors", INVENTORY)
     await api.ok("POST", "/backup-jobs", job(host_pattern="HV1", max_per_host=2), status=201)
     run_id = (await api.ok("POST", "/backup-jobs/nightly/run", status=202))["run_id"]
@@ -133,7 +139,7 @@ async def test_max_per_host_and_partial(api: Api) -> None:
     items.append(await api.ok("GET", "/collectors/col1/work?wait=5"))
     assert len({i["vm"]["id"] for i in items}) == 3 and {i["host"] for i in items} == {"hv1"}
     for item in items[1:]:
-        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id="p"), status=204)
+        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=points[item["vm"]["id"]]), status=204)
     run = await wait_run(api, run_id)
     assert run["state"] == "partial" and run["totals"]["failed"] == 1 and run["totals"]["succeeded"] == 2
 
@@ -171,18 +177,21 @@ async def test_nothing_to_back_up_fails_the_run_with_a_reason(api: Api) -> None:
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_restart_mid_run_retries_the_interrupted_vm(srv: ServerProcess, api: Api, how: str) -> None:
+    points = await real_points(srv, ["vm-a", "vm-b", "vm-c"])
     await api.ok("POST", "/collectors", INVENTORY)
     await api.ok("POST", "/backup-jobs", job(host_pattern="hv1", retries=1, retry_delay_s=0, max_per_host=3),
                  status=201)
     run_id = (await api.ok("POST", "/backup-jobs/nightly/run", status=202))["run_id"]
     done = await api.ok("GET", "/collectors/col1/work?wait=5")
-    await api.ok("POST", f"/work/{done['work_id']}/result", result(point_id="p-before"), status=204)
+    await api.ok("POST", f"/work/{done['work_id']}/result", result(point_id=points[done["vm"]["id"]]),
+                 status=204)
     interrupted = await api.ok("GET", "/collectors/col1/work?wait=5")
     srv.stop() if how == "stop" else srv.kill()
     srv.start()
     run = await api.ok("GET", f"/runs/{run_id}")  # the history survived
     by_id = {v["vm"]["id"]: v for v in run["vms"]}
-    assert by_id[done["vm"]["id"]]["state"] == "succeeded" and by_id[done["vm"]["id"]]["point_id"] == "p-before"
+    assert by_id[done["vm"]["id"]]["state"] == "succeeded"
+    assert by_id[done["vm"]["id"]]["point_id"] == points[done["vm"]["id"]]
     lost = by_id[interrupted["vm"]["id"]]
     assert lost["state"] == "retrying" and "interrupted" in lost["error"] and lost["attempt"] == 1
     assert (await api.call("POST", "/collectors", INVENTORY))[0] == 200  # the collector comes back
@@ -192,9 +201,10 @@ async def test_restart_mid_run_retries_the_interrupted_vm(srv: ServerProcess, ap
     assert retried["work_id"].endswith(".2")
     await api.ok("POST", f"/work/{interrupted['work_id']}/result", result(point_id="stale"), status=204)  # ignored
     for item in items:
-        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id="p-after"), status=204)
+        await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=points[item["vm"]["id"]]),
+                     status=204)
     run = await wait_run(api, run_id)
-    assert run["state"] == "succeeded" and {v["point_id"] for v in run["vms"]} == {"p-before", "p-after"}
+    assert run["state"] == "succeeded" and {v["point_id"] for v in run["vms"]} == set(points.values())
 
 
 @pytest.mark.parametrize("missed", ["run", "skip"])
@@ -242,3 +252,19 @@ async def test_a_poll_whose_client_hung_up_gets_no_work(srv: ServerProcess, api:
     assert (await api.ok("GET", f"/runs/{run_id}"))["vms"][0]["state"] == "queued"
     item = await api.ok("GET", "/collectors/col1/work?wait=5")
     assert item["vm"]["id"] == "vm-c" and item["work_id"].endswith(".1")
+
+
+async def test_ok_needs_the_vms_committed_point(srv: ServerProcess, api: Api) -> None:
+    points = await real_points(srv, ["vm-a", "vm-c"])
+    await api.ok("POST", "/collectors", INVENTORY)
+    await api.ok("POST", "/backup-jobs", job(vm_pattern="db-c"), status=201)
+    run_id = (await api.ok("POST", "/backup-jobs/nightly/run", status=202))["run_id"]
+    item = await api.ok("GET", "/collectors/col1/work?wait=5")
+    for wrong in (points["vm-a"], "0" * 32, "no-such-point"):  # another VM's point, an unknown one, garbage
+        got, answer = await api.call("POST", f"/work/{item['work_id']}/result", result(point_id=wrong))
+        assert got == 422 and answer["error"] == "bad_point" and "vm-c" in answer["message"], answer
+    assert (await api.ok("GET", f"/runs/{run_id}"))["vms"][0]["state"] == "running"
+    await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=points["vm-c"], consistency=None),
+                 status=204)
+    vm = (await wait_run(api, run_id))["vms"][0]
+    assert vm["state"] == "succeeded" and vm["consistency"] == "crash"  # taken from the point when not reported

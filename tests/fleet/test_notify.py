@@ -17,7 +17,7 @@ from aiohttp import web
 from tests.conftest import ServerProcess, free_port, require_module
 from tests.helpers import backup, make_disk
 
-from .fleet_server import INVENTORY, Api, fleet_server, job, result
+from .fleet_server import INVENTORY, Api, fleet_server, job, real_points, result
 
 # Loopback SMTP in a test: AUTH without TLS is what we mean to exercise here.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -103,6 +103,7 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
     server = notify_server(tmp_path, smtp_port, hook_port, '["failure", "success"]')
     api = Api(server.url, server.admin_token)
     try:
+        points = await real_points(server, ["vm-a", "vm-b"])
         await api.ok("POST", "/collectors", INVENTORY)
         await api.ok("POST", "/backup-jobs", job(vm_pattern="web-[ab]", max_per_host=2), status=201)
         box.fail_next_hook = 1  # the first delivery fails: the notifier retries
@@ -110,7 +111,8 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
         items = {i["vm"]["name"]: i for i in [await api.ok("GET", "/collectors/col1/work?wait=5") for _ in range(2)]}
         await api.ok("POST", f"/work/{items['web-a']['work_id']}/result",
                      result(False, error="VSS writer 'SqlServerWriter' timed out"), status=204)
-        await api.ok("POST", f"/work/{items['web-b']['work_id']}/result", result(point_id="p-b"), status=204)
+        await api.ok("POST", f"/work/{items['web-b']['work_id']}/result", result(point_id=points["vm-b"]),
+                     status=204)
         await box.wait(1, 1)
         mail = box.mails[0]
         assert mail["Subject"] == "Chunkyard: backup job nightly partial: 1 of 2 VMs failed"
@@ -118,7 +120,7 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
         assert mail["From"] == "chunkyard@example.test"
         text = mail.get_content().replace("\r\n", "\n")
         assert "- web-a (vm-a) on hv1: failed after 1 attempt(s): VSS writer 'SqlServerWriter' timed out" in text
-        assert "- web-b (vm-b) on hv1: succeeded, point p-b, crash consistency" in text
+        assert f"- web-b (vm-b) on hv1: succeeded, point {points['vm-b']}, crash consistency" in text
         hook = box.hooks[0]
         assert box.fail_next_hook == 0  # the refused first delivery was retried
         assert box.logins == ["chunkyard"]  # with the password from the environment
@@ -130,8 +132,8 @@ async def test_failure_and_success_reports(tmp_path: Path, inbox: tuple[Inbox, i
         await api.ok("POST", "/backup-jobs/nightly/run", status=202)
         for _ in range(2):
             item = await api.ok("GET", "/collectors/col1/work?wait=5")
-            await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id="p", bytes_new=3 << 20),
-                         status=204)
+            good = result(point_id=points[item["vm"]["id"]], bytes_new=3 << 20)
+            await api.ok("POST", f"/work/{item['work_id']}/result", good, status=204)
         await box.wait(2, 2)
         assert box.mails[1]["Subject"] == "Chunkyard: backup job nightly succeeded (2 VMs, 6.0 MiB new)"
         assert box.hooks[1]["event"] == "success" and box.hooks[1]["run"]["totals"]["succeeded"] == 2
