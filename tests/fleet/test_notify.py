@@ -158,6 +158,9 @@ async def test_stale_alert_once_per_episode(tmp_path: Path, inbox: tuple[Inbox, 
         assert "web-a (vm-a) on hv1, job nightly" in box.mails[0].get_content()
         await asyncio.sleep(2)  # several more checks: still stale, but already alerted
         assert len(box.hooks) == 1 and len(box.mails) == 1
+        await asyncio.get_running_loop().run_in_executor(None, server.restart)
+        await asyncio.sleep(1.5)  # the alerted set survived the restart: no second alert
+        assert len(box.hooks) == 1 and len(box.mails) == 1
         async with server.client() as client:  # a real restore point for vm-a ends its episode
             await backup(client, "vm-a", {"d0": make_disk("r")})
         await box.wait(2, 2, timeout=10)  # ... and 1.8 s later a new one starts, for vm-a only
