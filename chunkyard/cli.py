@@ -599,16 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(p)
     p.set_defaults(func=cmd_protect)
 
+    from collectors.agent_cli import add_collector_parser
     from collectors.backup_cli import add_backup_parser
     from collectors.lab_cli import add_lab_parser
     from tiering.cli import add_tier_parser
 
+    from .job_cli import add_job_parser
     from .key_cli import add_key_parser
 
     add_backup_parser(sub, client_args, _client)
     add_lab_parser(sub)
     add_key_parser(sub, passphrase_for)
     add_tier_parser(sub, client_args, _call)
+    add_collector_parser(sub, client_args, _client, _call)
+    add_job_parser(sub, client_args, _call)
 
     p = sub.add_parser("gc", help="garbage-collect chunks no point needs and compact packs (backups go on)")
     p.add_argument("--compact-below", type=float, default=0.5, metavar="FRACTION",
@@ -634,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from collectors.agent_cli import CollectorError
     from collectors.sources import SourceError
     from repo_server.engine import EngineError
     from tiering.cli import TierCommandError
@@ -641,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ConfigError, ValueError, EngineError, SourceError, TierCommandError, CertificateError) as e:
+    except (UserError, ConfigError, ValueError, EngineError, SourceError, TierCommandError, CertificateError,
+            CollectorError) as e:
         print(f"chunkyard: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

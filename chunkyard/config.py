@@ -12,6 +12,54 @@ class ConfigError(ValueError):
     pass
 
 
+NOTIFY_EVENTS = ("failure", "success", "stale")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """The [notify] table: where fleet run reports and stale-VM alerts go (docs/architecture.md)."""
+
+    webhook_url: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_user: str = ""
+    smtp_password: str = ""  # or $CHUNKYARD_SMTP_PASSWORD, which keeps it out of the file
+    mail_from: str = ""
+    mail_to: tuple[str, ...] = ()
+    on: tuple[str, ...] = NOTIFY_EVENTS
+    stale_hours: float = 26.0
+
+
+def _notify(table: object, where: str) -> NotifyConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [notify] must be a table")
+    config = NotifyConfig()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in {f.name for f in fields(NotifyConfig)}:
+            raise ConfigError(f"{where}: unknown setting notify.{key}; known: "
+                              f"{', '.join(f.name for f in fields(NotifyConfig))}")
+        default = getattr(config, key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{where}: notify.{key} must be a list of strings")
+            if key == "on" and set(value) - set(NOTIFY_EVENTS):
+                raise ConfigError(f"{where}: notify.on may hold {', '.join(NOTIFY_EVENTS)}; got {value}")
+            value = tuple(value)
+        elif isinstance(default, bool) != isinstance(value, bool) or type(value) not in (type(default), int):
+            raise ConfigError(f"{where}: notify.{key} must be {type(default).__name__}; got {value!r:.80}")
+        values[key] = value
+    config = replace(config, **values)
+    if not 0 < config.stale_hours < 1e6 or not 0 < config.smtp_port < 65536:
+        raise ConfigError(f"{where}: notify.stale_hours must be positive and notify.smtp_port 1-65535")
+    if config.webhook_url and not config.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: notify.webhook_url must be an http:// or https:// URL")
+    if config.smtp_host and not (config.mail_from and config.mail_to):
+        raise ConfigError(f"{where}: with notify.smtp_host set, mail_from and mail_to (a list) are needed")
+    return config
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     data: Path = Path("./data")
@@ -27,6 +75,10 @@ class ServerConfig:
     tiers: tuple[dict[str, Any], ...] = ()  # the [[tier]] tables, checked by tiering.config (docs/tiering.md)
     tls_cert: Path | None = None  # PEM certificate chain: serve HTTPS (with tls_key)
     tls_key: Path | None = None
+    fleet_poll_seconds: float = 30.0  # how long a pull collector's work request waits (its long-poll)
+    fleet_silent_seconds: float = 300.0  # running work whose collector is silent this long fails (and retries)
+    fleet_tick_seconds: float = 1.0  # how often the scheduler looks for due jobs, retries and silence
+    notify: NotifyConfig = NotifyConfig()
 
     @property
     def host(self) -> str:
@@ -65,12 +117,13 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         table = raw.get("server", {})
-        if not isinstance(table, dict) or set(raw) - {"server", "tier"}:
-            raise ConfigError(f"{path}: expected only a [server] table and [[tier]] tables; found {sorted(raw)}")
+        if not isinstance(table, dict) or set(raw) - {"server", "tier", "notify"}:
+            raise ConfigError(f"{path}: expected only a [server] table, [[tier]] tables and a [notify] table; "
+                              f"found {sorted(raw)}")
         tiers = raw.get("tier", [])
         if not isinstance(tiers, list) or not all(isinstance(t, dict) for t in tiers):
             raise ConfigError(f"{path}: cloud tiers are [[tier]] tables (see docs/tiering.md)")
-        known = {f.name: f.type for f in fields(ServerConfig) if f.name != "tiers"}
+        known = {f.name: f.type for f in fields(ServerConfig) if f.name not in ("tiers", "notify")}
         values: dict[str, Any] = {}
         for key, value in table.items():
             if key not in known:
@@ -83,5 +136,5 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             elif isinstance(default, bool) or type(value) not in (type(default), int):
                 raise ConfigError(f"{path}: server.{key} must be {type(default).__name__}; got {value!r}")
             values[key] = value
-        config = replace(config, **values, tiers=tuple(tiers))
+        config = replace(config, **values, tiers=tuple(tiers), notify=_notify(raw.get("notify", {}), str(path)))
     return _check(config.with_overrides(**overrides))

@@ -11,6 +11,7 @@ import json
 import os
 import ssl
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -349,3 +350,59 @@ class Client:
 
     async def job(self, job_id: str) -> dict:
         return await self.json("GET", f"/jobs/{job_id}")
+
+    # Fleet: pull collectors and server-side backup jobs (the maintenance jobs above are another thing).
+
+    async def register_collector(self, name: str, version: str, hosts: list[dict]) -> dict:
+        """Register or refresh a pull collector and its inventory -> {name, poll_seconds}."""
+        return await self.json("POST", "/collectors", {"name": name, "version": version, "hosts": hosts})
+
+    async def collectors(self) -> list[dict]:
+        return (await self.json("GET", "/collectors"))["collectors"]
+
+    async def poll_work(self, name: str, wait: float) -> dict | None:
+        """Long-poll for one work item; None when nothing arrived within `wait` seconds."""
+        resp = await self._request("GET", f"/collectors/{_q(name)}/work", params={"wait": str(int(wait))},
+                                   timeout=aiohttp.ClientTimeout(total=wait + 30, sock_connect=30))
+        async with resp:
+            return None if resp.status == 204 else await resp.json()
+
+    async def work_progress(self, work_id: str, progress: dict) -> dict:
+        """Report progress -> {cancel: bool}."""
+        return await self.json("POST", f"/work/{_q(work_id)}/progress", progress)
+
+    async def work_result(self, work_id: str, result: dict) -> None:
+        resp = await self._request("POST", f"/work/{_q(work_id)}/result", json=result)
+        resp.release()
+
+    async def create_backup_job(self, job: dict) -> dict:
+        return await self.json("POST", "/backup-jobs", job)
+
+    async def backup_jobs(self) -> list[dict]:
+        return (await self.json("GET", "/backup-jobs"))["jobs"]
+
+    async def backup_job(self, name: str) -> dict:
+        return await self.json("GET", f"/backup-jobs/{_q(name)}")
+
+    async def replace_backup_job(self, name: str, job: dict) -> dict:
+        """PUT: the whole definition is replaced (fields left out take their defaults)."""
+        return await self.json("PUT", f"/backup-jobs/{_q(name)}", job)
+
+    async def delete_backup_job(self, name: str) -> None:
+        resp = await self._request("DELETE", f"/backup-jobs/{_q(name)}")
+        resp.release()
+
+    async def run_backup_job(self, name: str, *, full: bool = False) -> str:
+        """Start a run now, outside the schedule (full: ignore change tracking) -> its run id."""
+        return (await self.json("POST", f"/backup-jobs/{_q(name)}/run", {"full": full}))["run_id"]
+
+    async def backup_job_runs(self, name: str, limit: int = 20) -> list[dict]:
+        return (await self.json("GET", f"/backup-jobs/{_q(name)}/runs?limit={int(limit)}"))["runs"]
+
+    async def backup_run(self, run_id: str) -> dict:
+        return await self.json("GET", f"/runs/{_q(run_id)}")
+
+
+def _q(segment: str) -> str:
+    """One URL path segment (names come from users)."""
+    return urllib.parse.quote(segment, safe="")

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
@@ -35,6 +36,12 @@ MiB = 1 << 20
 MAP_FLUSH = 65536  # map records buffered before a barrier flush (2.5 MiB)
 
 
+class Limiter(Protocol):
+    """Paces uploads (the pull collector's bandwidth limit): acquire(n) returns when n bytes may be sent."""
+
+    async def acquire(self, n: int) -> None: ...
+
+
 @dataclass
 class Options:
     full: bool = False  # ignore change tracking: read everything allocated (still deduplicated)
@@ -46,6 +53,7 @@ class Options:
     zstd_level: int = 1
     workers: int = 2  # hashing and compression threads (BLAKE3 and zstd release the GIL)
     state_dir: Path | None = None  # where an interrupted run's session id is kept, to resume it
+    limiter: Limiter | None = None  # awaited before each upload body with its payload bytes
 
 
 @dataclass
@@ -210,6 +218,8 @@ class DiskPipeline:
 
     async def _upload(self, frames: list[Frame]) -> None:
         try:
+            if self.options.limiter is not None:
+                await self.options.limiter.acquire(sum(len(f.payload) for f in frames))
             answer = await self.client.upload(self.sid, frames)
             self.totals["sent_bytes"] += answer["bytes"]
             self.totals["uploaded_chunks"] += answer["stored"]

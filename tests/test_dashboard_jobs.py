@@ -8,7 +8,6 @@ is skipped with that reason, and it runs once the fleet branch is merged.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,14 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT, ServerProcess, require_tool
 from tests.dashboard_page import DashboardPage, chromium
 from tests.helpers import MiB
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("collectors.agent") is None,
-                                reason="the fleet API (pull collectors, backup jobs) is not on this branch")
 
 
 def call(server: ServerProcess, method: str, path: str, body: dict | None = None) -> object:

@@ -18,7 +18,7 @@ from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invali
 from tiering.config import parse_tiers
 from tiering.sync import TierSync
 
-from . import admin, catalog, dashboard, jobs, retention, sessions
+from . import admin, catalog, dashboard, fleet, jobs, retention, sessions
 from .admin import TIERS
 from .audit import add_routes as add_audit_routes
 from .audit import audit
@@ -145,6 +145,7 @@ def create_app(config: ServerConfig, repo: Repository | None = None, passphrase:
     retention.add_routes(app)
     dashboard.add_routes(app)
     add_audit_routes(app)
+    fleet.add_routes(app)  # after the repository's lifecycle: its own needs the repository open
     return app
 
 

@@ -152,6 +152,44 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "delete, protection, retention changes, prune, gc, verify, tier sync, repair; each {time, who {token_id, "
         "name, tenant}, action, target, tenant, outcome, details}. A tenant-scoped admin sees its tenant's only.",
         ["admin"], None, 200, JSON_OBJ)},
+    "/collectors": {
+        "post": ("Register a pull collector (idempotent per tenant and name): its version and the hosts and VMs it "
+                 "sees; refreshes last_seen. Answers {name, poll_seconds}", ["admin", "collector"],
+                 {"$ref": "#/components/schemas/CollectorRegistration"}, 200, JSON_OBJ),
+        "get": ("Registered collectors with their inventory, last_seen and online", ["admin", "reader"], None, 200,
+                JSON_OBJ),
+    },
+    "/collectors/{name}/work": {"get": (
+        "Long-poll for the collector's next work item ({work_id, run_id, job, host, vm, options}); ?wait=S "
+        "(≤ 60, default 30) seconds, then 204 when nothing came", ["admin", "collector"], None, 200, JSON_OBJ)},
+    "/work/{work_id}/progress": {"post": (
+        "Report progress {phase, done_bytes, total_bytes, rate_bytes_per_s}; answers {cancel}. Work without "
+        "progress for fleet_silent_seconds fails and is retried", ["admin", "collector"],
+        {"$ref": "#/components/schemas/WorkProgress"}, 200, JSON_OBJ)},
+    "/work/{work_id}/result": {"post": (
+        "Report a work item's outcome (idempotent: a repeated or superseded result changes nothing)",
+        ["admin", "collector"], {"$ref": "#/components/schemas/WorkResult"}, 204, None)},
+    "/backup-jobs": {
+        "post": ("Define a backup job: VM selection, schedule (calendar event or cron), retention, tier, "
+                 "concurrency, bandwidth, retries, missed-run policy", ["admin"],
+                 {"$ref": "#/components/schemas/BackupJob"}, 201, JSON_OBJ),
+        "get": ("Backup jobs with next_run and last_run", ["admin", "reader"], None, 200, JSON_OBJ),
+    },
+    "/backup-jobs/{name}": {
+        "get": ("A backup job (?tenant= picks among same-named jobs of several tenants)", ["admin", "reader"], None,
+                200, JSON_OBJ),
+        "put": ("Replace a backup job (name and tenant stay)", ["admin"], {"$ref": "#/components/schemas/BackupJob"},
+                200, JSON_OBJ),
+        "delete": ("Delete a backup job; its unfinished VMs are cancelled, its run history stays", ["admin"], None,
+                   204, None),
+    },
+    "/backup-jobs/{name}/run": {"post": (
+        'Run the job now. Optional body {"full": true} for a full read. Answers 202 {run_id}; 409 while it runs',
+        ["admin"], "json-optional", 202, JSON_OBJ)},
+    "/backup-jobs/{name}/runs": {"get": ("Run summaries of a job, newest first (?limit=N, default 20)",
+                                         ["admin", "reader"], None, 200, JSON_OBJ)},
+    "/runs/{run_id}": {"get": ("A run with its per-VM state, progress, results and totals", ["admin", "reader"],
+                               None, 200, JSON_OBJ)},
 }
 
 SCHEMAS = {
@@ -172,6 +210,33 @@ SCHEMAS = {
             "tokens of its own tenant only (the default)")},
         "expires_in": {"type": "number", "minimum": 1, "maximum": 315360000, "description": "seconds from now"},
         "expires": {"type": "number", "description": "unix time; give this or expires_in, not both"}}},
+    "CollectorRegistration": {"type": "object", "required": ["name", "hosts"], "properties": {
+        "name": {"type": "string"}, "version": {"type": "string"},
+        "hosts": {"type": "array", "items": {"type": "object", "required": ["host", "vms"], "properties": {
+            "host": {"type": "string"},
+            "vms": {"type": "array", "items": {"type": "object", "required": ["id"], "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"}}}}}}},
+    }},
+    "WorkProgress": {"type": "object", "required": ["phase", "done_bytes", "rate_bytes_per_s"], "properties": {
+        "phase": {"type": "string"}, "done_bytes": {"type": "integer"},
+        "total_bytes": {"type": "integer", "nullable": True}, "rate_bytes_per_s": {"type": "number"}}},
+    "WorkResult": {"type": "object", "required": ["ok"], "properties": {
+        "ok": {"type": "boolean"}, "point_id": {"type": "string", "nullable": True},
+        "consistency": {"type": "string", "nullable": True}, "bytes_read": {"type": "integer"},
+        "bytes_changed": {"type": "integer"}, "bytes_new": {"type": "integer"}, "bytes_sent": {"type": "integer"},
+        "duration_s": {"type": "number"}, "error": {"type": "string", "nullable": True}}},
+    "BackupJob": {"type": "object", "required": ["name", "collector", "schedule"], "additionalProperties": False,
+                  "properties": {
+        "name": {"type": "string"}, "tenant": {"type": "string"}, "collector": {"type": "string"},
+        "host_pattern": {"type": "string", "default": "*"}, "vm_pattern": {"type": "string", "default": "*"},
+        "schedule": {"type": "string", "description": 'calendar event ("mon..fri 22:00", "*:0/15", "daily") or '
+                                                      'cron ("30 22 * * 1-5")'},
+        "retention": {"oneOf": [{"$ref": "#/components/schemas/RetentionPolicy"}, {"type": "null"}]},
+        "tier": {"type": "string", "nullable": True}, "max_per_host": {"type": "integer", "default": 1},
+        "bandwidth_mib_s": {"type": "number", "nullable": True}, "retries": {"type": "integer", "default": 2},
+        "retry_delay_s": {"type": "number", "default": 300},
+        "missed": {"type": "string", "enum": ["run", "skip"], "default": "run"},
+        "enabled": {"type": "boolean", "default": True}}},
     "SessionRequest": {"type": "object", "required": ["host", "vm", "disks"], "properties": {
         "host": {"type": "string"},
         "vm": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"},
