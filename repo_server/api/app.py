@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chunkyard.config import ServerConfig
-from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
+from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository, Unavailable
 from tiering.config import parse_tiers
 from tiering.sync import TierSync
 
@@ -21,7 +21,7 @@ from .admin import TIERS
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError, Metrics
 
 log = logging.getLogger("chunkyard.server")
-STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500}
+STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500, Unavailable: 503}
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from chunkyard.vdisk import Piece, VhdxLayout
 from chunkyard.wire import DIGEST_LEN, ZERO
-from repo_server.engine import Corrupt, Repository
+from repo_server.engine import Corrupt, Repository, Unavailable
 from repo_server.engine.manifest import PAGE_BYTES, PAGE_ENTRIES, chunk_length
 from repo_server.engine.points import public
 from repo_server.engine.restore import DiskImage, find_disk
@@ -184,7 +184,7 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
                 await drain_one()
         while pending:
             await drain_one()
-    except Corrupt as e:
+    except (Corrupt, Unavailable) as e:
         # Headers are sent: the only honest signal left is to cut the connection short of Content-Length.
         log.error("restore of %s stopped: %s", image.etag, e)
         if request.transport is not None:
@@ -212,6 +212,8 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
         else:
             size, etag = image.size, image.etag
         span = parse_range(request, size, etag)
+        if request.method != "HEAD":
+            await run(request, repo.chunks.check_remote)  # a cloud tier that is down: 503 now, not a cut stream
     except BaseException:
         image.close()
         raise

@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 
@@ -19,7 +20,7 @@ from chunkyard.wire import digest
 
 from .barrier import GcBarrier
 from .codec import CodecError, decode
-from .errors import Corrupt, NotFound
+from .errors import Corrupt, NotFound, Unavailable
 from .faults import crash_point
 from .index import U64, Index, Location
 from .keyring import Keyring
@@ -37,6 +38,15 @@ from .pack import (
 )
 
 PACK_KEY = U64  # packs CF key: pack id, little-endian u64
+MOVED = "moved"  # packs CF state of a pack that lives only in a cloud tier (move mode, tiering/move.py)
+
+
+class RemotePacks(Protocol):
+    """Where moved packs are read from: the move-mode tier (tiering/remote.py). Raises Unavailable."""
+
+    def read(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes: ...
+
+    def ping(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,8 @@ class ChunkStore:
         self.unique_bytes = index.counter("unique_bytes")
         self.stored_bytes = index.counter("stored_bytes")
         self.pack_count = index.counter("pack_count")
+        self.moved: dict[int, str] = {}  # pack id -> the tier it lives in, for packs no longer on local disk
+        self.remote: RemotePacks | None = None  # set while the move-mode tier runs
 
     # ---------------------------------------------------------------- recovery
 
@@ -101,6 +113,7 @@ class ChunkStore:
         scan that cuts a torn tail) and its records the index lacks are indexed again.
         """
         report = RecoveryReport()
+        self._finish_moves()
         pack_files = sorted(self.root.glob("*/*.pack"))
         newest_open: tuple[int, Path] | None = None
         for path in pack_files:
@@ -127,6 +140,19 @@ class ChunkStore:
             batch.put("meta", b"next_pack_id", U64.pack(next_id))
             self.index.write(batch, sync=True)
         return report
+
+    def _finish_moves(self) -> None:
+        """Load which packs live in a cloud tier, and delete the local file of any whose move was cut
+        short between "the index says moved" (written only after the cloud copy was verified) and the unlink."""
+        for key, value in self.index.scan("packs"):
+            state = json.loads(value)
+            if state["state"] == MOVED:
+                pack_id = PACK_KEY.unpack(key)[0]
+                self.moved[pack_id] = state["tier"]
+                path = pack_path(self.root, pack_id)
+                if path.exists():
+                    path.unlink()
+                    fsync_dir(path.parent)
 
     def _resume(self, pack_id: int, path: Path, protected_end: int, report: RecoveryReport) -> PackWriter:
         size_before = path.stat().st_size
@@ -284,11 +310,15 @@ class ChunkStore:
         """Copy a sealed pack's live records into the open pack, point the index at the copies, then
         delete the old pack. Crash-safe: copies are durable before the index moves, and the old file
         goes only after. Returns the bytes freed."""
+        if pack_id in self.moved:
+            return 0  # its bytes are in the cloud: rewriting it would download it (GC skips these)
         path = pack_path(self.root, pack_id)
         records = read_trailer(path)
         if records is None:
             raise Corrupt(f"pack {pack_id:016x} has no valid trailer; run `chunkyard repair --check`")
         with self._write_lock, ChunkReader(self) as reader:
+            if pack_id in self.moved:  # moved while the trailer was read
+                return 0
             current = self.index.locate_many([r.digest for r in records])
             moved: list[tuple[bytes, int, Record]] = []
             lost: list[Location] = []
@@ -354,7 +384,45 @@ class ChunkStore:
         self.pack_count -= 1
         self._put_counters(batch)
         self.index.write(batch, sync=True)
+        self.moved.pop(pack_id, None)  # a dead moved pack: the tier deletes its cloud copy (tiering/sync.py)
         return size
+
+    def mark_moved(self, pack_id: int, tier: str) -> bool:
+        """Record that a sealed pack lives in `tier` from now on, then delete its local file. The caller has
+        verified the cloud copy. The index entry is durable before the unlink, and recovery finishes an
+        unlink cut short (`_finish_moves`). False when the pack is no longer a sealed local pack (GC
+        deleted or compacted it meanwhile)."""
+        key = PACK_KEY.pack(pack_id)
+        with self._write_lock:
+            raw = self.index.get("packs", key)
+            state = json.loads(raw) if raw else None
+            if state is None or state["state"] != "sealed":
+                return False
+            batch = self.index.batch()
+            batch.put("packs", key, json.dumps(state | {"state": MOVED, "tier": tier}).encode())
+            self.index.write(batch, sync=True)
+            self.moved[pack_id] = tier
+        crash_point("tier_move_marked")
+        path = pack_path(self.root, pack_id)
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return True
+
+    def check_remote(self) -> None:
+        """Unavailable when packs were moved to a cloud tier that cannot be reached now."""
+        if self.moved:
+            self._remote(next(iter(self.moved))).ping()
+
+    def read_remote(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes:
+        """Bytes of a moved pack from its cloud tier."""
+        return self._remote(pack_id).read(pack_id, offset, length, cache=cache)
+
+    def _remote(self, pack_id: int) -> RemotePacks:
+        remote = self.remote
+        if remote is None:
+            raise Unavailable(f"pack {pack_id:016x} lives in cloud tier {self.moved.get(pack_id)!r}, which is not "
+                              "configured or not running: add its [[tier]] table back to the server configuration")
+        return remote
 
     def _put_state_now(self, writer: PackWriter) -> None:
         batch = self.index.batch()
@@ -429,17 +497,22 @@ class ChunkReader:
         return fd
 
     def read_stored(self, loc: Location) -> bytes:
-        """The stored (possibly compressed) bytes of a record, CRC-checked."""
-        try:
-            fd = self._fd(loc.pack_id)
-        except Corrupt:
-            moved = self._store.index.locate(loc.record.digest)  # compaction moved it since the lookup
-            if moved is None or moved.pack_id == loc.pack_id:
-                raise
-            loc = moved
-            fd = self._fd(loc.pack_id)
+        """The stored (possibly compressed) bytes of a record, CRC-checked; from the cloud tier when its pack
+        was moved there (the same checks apply, so a bad cloud copy is refused like a bad disk)."""
         rec = loc.record
-        buf = os.pread(fd, RECORD_HEADER.size + rec.stored_len, rec.offset)
+        length = RECORD_HEADER.size + rec.stored_len
+        if loc.pack_id in self._store.moved:
+            buf = self._store.read_remote(loc.pack_id, rec.offset, length)
+        else:
+            try:
+                buf = os.pread(self._fd(loc.pack_id), length, rec.offset)
+            except Corrupt:
+                if loc.pack_id in self._store.moved:  # moved to the cloud since the check above
+                    return self.read_stored(loc)
+                moved = self._store.index.locate(loc.record.digest)  # compaction moved it since the lookup
+                if moved is None or moved.pack_id == loc.pack_id:
+                    raise
+                return self.read_stored(moved)
         try:
             return parse_record(buf, rec)
         except PackFormatError as e:

@@ -21,12 +21,21 @@ from typing import TYPE_CHECKING
 
 from chunkyard.wire import ZERO
 
-from .chunk_store import PACK_KEY
+from .chunk_store import MOVED, PACK_KEY
 from .codec import CodecError
 from .errors import Corrupt, Invalid
 from .index import Location
 from .manifest import split_page
-from .pack import RECORD_HEADER, PackFormatError, Record, pack_path, parse_record, read_trailer, scan_records
+from .pack import (
+    RECORD_HEADER,
+    PackFormatError,
+    Record,
+    pack_path,
+    parse_record,
+    read_trailer,
+    scan_records,
+    trailer_records,
+)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -44,6 +53,7 @@ class VerifyStats:
     damaged_chunks: list[str] = field(default_factory=list)
     points_checked: int = 0
     points_damaged: list[str] = field(default_factory=list)
+    packs_from_cloud: int = 0  # moved packs (tiering move mode), read back from their tier
     seconds: float = 0.0
 
 
@@ -113,16 +123,25 @@ class Verifier:
             self.repo.chunks.forget([loc])
 
     def _verify_packs(self) -> None:
-        """Every live record of every pack, read sequentially."""
-        packs = [PACK_KEY.unpack(k)[0] for k, _ in self.index.scan("packs")]
-        for done, pack_id in enumerate(packs, 1):
+        """Every live record of every pack, read sequentially. A pack moved to a cloud tier is read from
+        there (one GET of the whole object, past the cache): the cloud copy is the only one left."""
+        packs = [(PACK_KEY.unpack(k)[0], json.loads(v)) for k, v in self.index.scan("packs")]
+        for done, (pack_id, state) in enumerate(packs, 1):
             self.progress("verify packs", done, len(packs))
-            path = pack_path(self.repo.chunks.root, pack_id)
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue  # compacted away since the listing
-            records = read_trailer(path)
+            if state["state"] == MOVED:
+                data = self.repo.chunks.read_remote(pack_id, 0, state["size"], cache=False)
+                self.stats.packs_from_cloud += 1
+                records = trailer_records(lambda offset, length, d=data: d[offset : offset + length], len(data))
+                if records is None:  # a damaged cloud trailer: check every record the index puts there
+                    located = (Location.decode(d, v) for d, v in self.index.scan("chunks"))
+                    records = [loc.record for loc in located if loc.pack_id == pack_id]
+            else:
+                path = pack_path(self.repo.chunks.root, pack_id)
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # compacted away since the listing
+                records = read_trailer(path)
             if records is None:  # the open pack: a scan skips damaged records, so look those up by header
                 records, _, damaged = scan_records(path)
                 records += [Record(RECORD_HEADER.unpack_from(data, off)[4], off, 0, 0, 0) for off in damaged
