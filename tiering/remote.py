@@ -6,10 +6,11 @@ from the cloud is refused, never served. Parallelism comes from the reader: a re
 several chunks in flight on the server's thread pool (catalog.READ_AHEAD), so that many GETs run at once.
 
 The cache is a directory of record files (`<pack>-<offset>-<length>`, written atomically) with an LRU
-index in memory, bounded by `cache_mib`: a second restore of the same point, a map or a VHDX layout
-read after the download, re-read locally. It is a cache: it is adopted at start (oldest first by mtime,
-trimmed to the bound) and may be deleted at any time. Transient store errors are retried with backoff;
-what still fails becomes `Unavailable` (HTTP 503 before a download starts; a cut connection after).
+index in memory (file mtimes are touched on use), bounded by `cache_mib`: a second restore of the same
+point, a map or a VHDX layout read after the download, re-read locally. It is only a cache: adopted at
+start (least recently used first, trimmed to the bound), and it may be deleted at any time. Transient
+store errors are retried with backoff; what still fails becomes `Unavailable` (HTTP 503 before a
+download starts; a cut connection after).
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ class RecordCache:
                 return None
             self._entries.move_to_end(name)
             self.hits += 1
+        path = self.root / name
         try:
-            return (self.root / name).read_bytes()
+            data = path.read_bytes()
+            os.utime(path)  # the order a restart adopts entries in
         except FileNotFoundError:  # evicted by another thread in between
             return None
+        return data
 
     def put(self, name: str, data: bytes) -> None:
         if len(data) > self.limit:
