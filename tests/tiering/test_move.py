@@ -219,3 +219,21 @@ async def test_a_copy_tier_keeps_packs_local_until_it_holds_them(live: Live, emu
     await cycle(mover)
     assert mover.status.moved_packs > 0 and local_pack_files(live) == {}
     assert all(pack_path(live.repo.chunks.root, p).exists() is False for p in packs_in_index(live, MOVED))
+
+
+@pytest.mark.parametrize("body", [b"garbage\xff", b"[]", b'"yes"', b'{"allow_mass_delete": 1}',
+                                  b'{"allow_mass_delete": "true"}', b'{"allow_mass_delete": true, "force": true}',
+                                  b'{"allow_mass_delete": null}', b"{" * 100_000, b'{"x": "' + b"y" * 900_000 + b'"}'])
+async def test_a_bad_sync_request_is_refused(live: Live, body: bytes) -> None:
+    resp = await live.client._session.post(f"{live.client.base}/tiers/sync", data=body)
+    async with resp:
+        assert resp.status in (400, 422), await resp.text()
+        assert (await resp.json())["error"] in ("bad_json", "bad_field")
+
+
+async def test_sync_requests(live: Live) -> None:
+    too_big = await live.client._session.post(f"{live.client.base}/tiers/sync", data=b" " * (2 << 20))
+    async with too_big:
+        assert too_big.status == 413
+    for good in (None, {}, {"allow_mass_delete": False}, {"allow_mass_delete": True}):
+        assert (await live.client.json("POST", "/tiers/sync", good))["tiers"] == []
