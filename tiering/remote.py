@@ -2,8 +2,9 @@
 
 The engine asks for exactly the bytes of one record (header + stored payload: `ChunkStore.read_remote`),
 and checks them as it checks a local read (CRC, then AES-GCM / BLAKE3 of the chunk), so a wrong answer
-from the cloud is refused, never served. Parallelism comes from the reader: a restore stream keeps
-several chunks in flight on the server's thread pool (catalog.READ_AHEAD), so that many GETs run at once.
+from the cloud is refused, never served. A restore stream keeps up to catalog.REMOTE_READ_AHEAD chunks of
+moved packs in flight on this tier's read pool (PARALLEL_READS threads): that is its prefetch ahead of
+the socket, bounded in memory by read-ahead × chunk size.
 
 The cache is a directory of record files (`<pack>-<offset>-<length>`, written atomically) with an LRU
 index in memory (file mtimes are touched on use), bounded by `cache_mib`: a second restore of the same
@@ -19,6 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from repo_server.engine.errors import Unavailable
@@ -28,6 +30,7 @@ from .retry import Backoff
 from .stores import NotFoundError, Store, StoreError
 
 log = logging.getLogger("chunkyard.tiering")
+PARALLEL_READS = 16  # ranged GETs in flight for restore streams (catalog.REMOTE_READ_AHEAD per stream)
 READ_BACKOFF = Backoff(attempts=4, base=0.2, cap=2.0)  # a restore waits ~1.5 s for a flaky cloud, not minutes
 
 
@@ -96,6 +99,7 @@ class CloudPacks:
                  backoff: Backoff = READ_BACKOFF):
         self.store, self.tier_name, self.backoff = store, tier_name, backoff
         self.cache = RecordCache(cache_dir, cache_bytes)
+        self.pool = ThreadPoolExecutor(PARALLEL_READS, thread_name_prefix=f"tier-read-{tier_name}")
         self.fetched_bytes = 0  # counters for status
         self.fetches = 0
         self.retries = 0
@@ -127,6 +131,9 @@ class CloudPacks:
         if cache and len(data) == length:
             self.cache.put(name, data)
         return data
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def ping(self) -> None:
         """Unavailable unless the tier answers now: checked before a restore sends its headers, so an

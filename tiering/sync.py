@@ -151,8 +151,10 @@ class TierWorker:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.remote is not None and self.repo.chunks.remote is self.remote:
-            self.repo.chunks.remote = None
+        if self.remote is not None:
+            if self.repo.chunks.remote is self.remote:
+                self.repo.chunks.remote = None
+            self.remote.close()
         self.status.state = "stopped"
 
     def wake(self, *, allow_mass_delete: bool = False) -> None:

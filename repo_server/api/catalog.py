@@ -23,6 +23,7 @@ from .common import METRICS, POOL, REPO, STREAMING, ApiError, roles, run, token_
 
 log = logging.getLogger("chunkyard.restore")
 READ_AHEAD = 8  # chunks decompressed and verified ahead of the socket
+REMOTE_READ_AHEAD = 16  # the same when packs were moved to a cloud tier: reads of those wait on the network
 LOCATE_BATCH = 256
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -154,6 +155,8 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
     pool = request.app[POOL]
     metrics = request.app[METRICS]
     pending: deque[tuple[asyncio.Future | bytes, int, int]] = deque()
+    moved, remote = image.repo.chunks.moved, image.repo.chunks.remote
+    read_ahead = REMOTE_READ_AHEAD if moved and remote is not None else READ_AHEAD
     located: list = []
     located_from = 0
 
@@ -179,8 +182,9 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
                     located = await loop.run_in_executor(
                         pool, image.locations, index, min(image.chunks, index + LOCATE_BATCH))
                 loc = located[index - located_from]
-                pending.append((loop.run_in_executor(pool, image.read_chunk, index, loc), lo, n))
-            while len(pending) >= READ_AHEAD:
+                executor = remote.pool if remote is not None and loc is not None and loc.pack_id in moved else pool
+                pending.append((loop.run_in_executor(executor, image.read_chunk, index, loc), lo, n))
+            while len(pending) >= read_ahead:
                 await drain_one()
         while pending:
             await drain_one()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +43,10 @@ MOVED = "moved"  # packs CF state of a pack that lives only in a cloud tier (mov
 
 
 class RemotePacks(Protocol):
-    """Where moved packs are read from: the move-mode tier (tiering/remote.py). Raises Unavailable."""
+    """Where moved packs are read from: the move-mode tier (tiering/remote.py). Raises Unavailable.
+    `pool` runs reads of moved records for restore streams, many in flight (they wait on the network)."""
+
+    pool: Executor
 
     def read(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes: ...
 

@@ -51,7 +51,7 @@ async def test_a_crash_during_a_move_leaves_a_consistent_repository(tmp_path: Pa
                                                                     crash: str) -> None:
     bucket, env = emulators.new_bucket("s3"), emulators.env("s3")
     config = tmp_path / "server.toml"
-    write_config(config, emulators.tier_table("s3", bucket, mode="move", move_after_days=0, interval_seconds=3600))
+    config.write_text("[server]\npack_size_mib = 1\n")  # backups first, with no tier that could move them
     site = tmp_path / "site"
     server = ServerProcess(site, chunk_size="256KiB", config=config)
     server.start(env)
@@ -62,6 +62,7 @@ async def test_a_crash_during_a_move_leaves_a_consistent_repository(tmp_path: Pa
     finally:
         server.stop()
 
+    write_config(config, emulators.tier_table("s3", bucket, mode="move", move_after_days=0, interval_seconds=3600))
     server.start(env | {"CHUNKYARD_CRASH_AT": crash}, wait=False)  # the first cycle copies, then moves
     assert server.proc.wait(60) == 137
     packs = index_packs(site)
