@@ -21,6 +21,7 @@ from chunkyard.wire import digest
 
 from .barrier import GcBarrier
 from .codec import CodecError, decode
+from .durable import write_atomic
 from .errors import Corrupt, NotFound, Unavailable
 from .faults import crash_point
 from .index import U64, Index, Location
@@ -40,6 +41,7 @@ from .pack import (
 
 PACK_KEY = U64  # packs CF key: pack id, little-endian u64
 MOVED = "moved"  # packs CF state of a pack that lives only in a cloud tier (move mode, tiering/move.py)
+STUB = ".moved"  # beside where a moved pack was: its tier, size and records, so the index stays rebuildable
 
 
 class RemotePacks(Protocol):
@@ -117,7 +119,7 @@ class ChunkStore:
         scan that cuts a torn tail) and its records the index lacks are indexed again.
         """
         report = RecoveryReport()
-        self._finish_moves()
+        self._finish_moves(report)
         pack_files = sorted(self.root.glob("*/*.pack"))
         newest_open: tuple[int, Path] | None = None
         for path in pack_files:
@@ -138,16 +140,18 @@ class ChunkStore:
             self._writer = self._resume(*newest_open, report)
             self._index_recovered(newest_open[0], self._writer.records, self._writer.size, sealed=False,
                                   report=report)
-        next_id = max((int(p.stem, 16) for p in pack_files), default=0) + 1
+        next_id = max((int(p.stem, 16) for p in [*pack_files, *self.root.glob(f"*/*{STUB}")]), default=0) + 1
         if self.index.counter("next_pack_id") < next_id:
             batch = self.index.batch()
             batch.put("meta", b"next_pack_id", U64.pack(next_id))
             self.index.write(batch, sync=True)
         return report
 
-    def _finish_moves(self) -> None:
-        """Load which packs live in a cloud tier, and delete the local file of any whose move was cut
-        short between "the index says moved" (written only after the cloud copy was verified) and the unlink."""
+    def _finish_moves(self, report: RecoveryReport) -> None:
+        """Load which packs live in a cloud tier. A move writes the pack's stub, then the index entry, then
+        deletes the pack file: a pack file whose index entry says moved is deleted (the move was cut just
+        before), a stub whose pack file is still there and not moved is dropped (cut before the index
+        write), and a stub the index does not know (a rebuilt index) is indexed again."""
         for key, value in self.index.scan("packs"):
             state = json.loads(value)
             if state["state"] == MOVED:
@@ -157,6 +161,22 @@ class ChunkStore:
                 if path.exists():
                     path.unlink()
                     fsync_dir(path.parent)
+        for stub in sorted(self.root.glob(f"*/*{STUB}")):
+            pack_id = int(stub.stem, 16)
+            if pack_id in self.moved:
+                continue
+            if stub.with_suffix(".pack").exists():
+                stub.unlink()
+                continue
+            info = json.loads(stub.read_bytes())
+            records = [Record(bytes.fromhex(d), *rest) for d, *rest in info["records"]]
+            report.packs_scanned += 1
+            self._index_recovered(pack_id, records, info["size"], sealed=True, report=report)
+            batch = self.index.batch()
+            batch.put("packs", PACK_KEY.pack(pack_id), json.dumps(
+                {"state": MOVED, "size": info["size"], "records": len(records), "tier": info["tier"]}).encode())
+            self.index.write(batch, sync=True)
+            self.moved[pack_id] = info["tier"]
 
     def _resume(self, pack_id: int, path: Path, protected_end: int, report: RecoveryReport) -> PackWriter:
         size_before = path.stat().st_size
@@ -382,6 +402,7 @@ class ChunkStore:
         path = pack_path(self.root, pack_id)
         size = path.stat().st_size if path.exists() else 0
         path.unlink(missing_ok=True)
+        path.with_suffix(STUB).unlink(missing_ok=True)
         fsync_dir(path.parent)
         batch = self.index.batch()
         batch.delete("packs", PACK_KEY.pack(pack_id))
@@ -393,21 +414,26 @@ class ChunkStore:
 
     def mark_moved(self, pack_id: int, tier: str) -> bool:
         """Record that a sealed pack lives in `tier` from now on, then delete its local file. The caller has
-        verified the cloud copy. The index entry is durable before the unlink, and recovery finishes an
-        unlink cut short (`_finish_moves`). False when the pack is no longer a sealed local pack (GC
+        verified the cloud copy. A stub (tier, size, the trailer's records) is written first, so a rebuilt
+        index still knows the pack; the index entry is durable before the unlink, and recovery finishes a
+        move cut short (`_finish_moves`). False when the pack is no longer a sealed local pack (GC
         deleted or compacted it meanwhile)."""
         key = PACK_KEY.pack(pack_id)
+        path = pack_path(self.root, pack_id)
         with self._write_lock:
             raw = self.index.get("packs", key)
             state = json.loads(raw) if raw else None
-            if state is None or state["state"] != "sealed":
+            records = read_trailer(path) if state is not None and state["state"] == "sealed" else None
+            if records is None:
                 return False
+            write_atomic(path.with_suffix(STUB), json.dumps({
+                "tier": tier, "size": state["size"],
+                "records": [[r.digest.hex(), r.offset, r.stored_len, r.raw_len, r.flags] for r in records]}).encode())
             batch = self.index.batch()
             batch.put("packs", key, json.dumps(state | {"state": MOVED, "tier": tier}).encode())
             self.index.write(batch, sync=True)
             self.moved[pack_id] = tier
         crash_point("tier_move_marked")
-        path = pack_path(self.root, pack_id)
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
         return True

@@ -90,6 +90,21 @@ async def test_a_crash_during_a_move_leaves_a_consistent_repository(tmp_path: Pa
     finally:
         server.stop()
 
+    # The index stays a cache: moved packs leave stubs (tier, size, records) that a rebuild reads.
+    rebuilt = cli("repair", "--rebuild-index", "--data", str(site), env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert {p for p, state in index_packs(site).items() if state["state"] == MOVED} == set(packs)
+    checked = cli("repair", "--check", "--data", str(site), env=env)  # offline: the cloud packs are not read
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(packs)} packs live in a cloud tier" in checked.stdout and "Healthy." in checked.stdout
+    server.start(env)
+    try:
+        async with server.client() as client:
+            for vm, image in images.items():
+                assert await restore(client, points[vm], "d0") == image
+    finally:
+        server.stop()
+
 
 async def test_a_lost_points_directory_does_not_empty_the_bucket(tmp_path: Path, emulators: Emulators) -> None:
     bucket, env = emulators.new_bucket("s3"), emulators.env("s3")
