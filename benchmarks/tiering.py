@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -56,6 +57,7 @@ from .common import (
     format_table,
     free_port,
     machine_info,
+    process_cpu_seconds,
     source_state,
     write_json,
 )
@@ -126,6 +128,14 @@ class Emulator:
                  'region = "us-east-1"\n' if self.kind == "s3" else f'kind = "azure"\ncontainer = "{bucket}"\n')
         return (f"[server]\npack_size_mib = {PACK_MIB}\n\n[[tier]]\nname = \"bench\"\n{where}mode = \"{mode}\"\n"
                 f"move_after_days = 0\ninterval_seconds = 3600\nconcurrency = {THREADS}\n")
+
+    @contextmanager
+    def cpu(self, meter: PhaseMeter, phase: str) -> Iterator[None]:
+        """The emulator's CPU seconds during a phase, into the meter's record of it (the meter counts them
+        as "other" otherwise: the emulator is a child this process does not wait for)."""
+        before = process_cpu_seconds(self.proc.pid)
+        yield
+        meter.phases[phase]["emulator_cpu_s"] = process_cpu_seconds(self.proc.pid) - before
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -239,12 +249,12 @@ def one_run(emulator: Emulator, image: bytes, work: Path) -> dict:
         server.start()
         meter = PhaseMeter(server.pid)
         point_id = asyncio.run(ingest(server, image))
-        with meter("upload"):
+        with emulator.cpu(meter, "upload"), meter("upload"):
             tier = asyncio.run(sync_until(server, lambda t: t["pending_packs"] == 0))
         packs = sorted((data / "packs").glob("*/*.pack"))
         result |= {"packs": len(packs), "pack_bytes": sum(p.stat().st_size for p in packs),
                    "upload_s": meter.phases["upload"]["wall_s"], "uploaded_bytes": tier["uploaded_bytes"],
-                   "upload_phase": meter.phases["upload"], "upload_cores": meter.cores("upload")}
+                   "upload_phase": meter.phases["upload"], "upload_cores": cores(meter, "upload")}
         result["plain_upload_s"], result["plain_download_s"], result["plain_ranged_s"] = plain_transfers(emulator,
                                                                                                         packs)
         server.stop()
@@ -255,14 +265,14 @@ def one_run(emulator: Emulator, image: bytes, work: Path) -> dict:
         asyncio.run(sync_until(server, lambda t: t["local_bytes"] == 0 and t["moved_packs"] > 0))
         if list((data / "packs").glob("*/*.pack")):
             raise RuntimeError("packs are still on local disk after the move pass")
-        with meter("cloud restore"):
+        with emulator.cpu(meter, "cloud restore"), meter("cloud restore"):
             restored, seconds = asyncio.run(stream(server, point_id))
         if hashlib.sha256(restored).digest() != hashlib.sha256(image).digest():
             raise RuntimeError("the cloud restore differs from the source image")
         (tier,) = asyncio.run(_tiers(server))
         result |= {"restore_s": seconds, "cloud_reads": tier["cloud_reads"],
                    "cloud_read_bytes": tier["cloud_read_bytes"], "restore_phase": meter.phases["cloud restore"],
-                   "restore_cores": meter.cores("cloud restore")}
+                   "restore_cores": cores(meter, "cloud restore")}
     finally:
         server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -275,6 +285,14 @@ async def _tiers(server: ChunkyardServer) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
+
+def cores(meter: PhaseMeter, phase: str) -> str:
+    """Average busy cores during a phase: server, this process, the emulator, and everything else."""
+    p = meter.phases[phase]
+    emulator = p["emulator_cpu_s"]
+    return (f"cores: server {p['server_cpu_s'] / p['wall_s']:.1f}, client {p['client_cpu_s'] / p['wall_s']:.1f}, "
+            f"emulator {emulator / p['wall_s']:.1f}, other {max(0.0, p['other_cpu_s'] - emulator) / p['wall_s']:.1f}")
+
 
 def rows_of(run: dict) -> list[Row]:
     mib = run["pack_bytes"] / MiB
