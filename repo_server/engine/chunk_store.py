@@ -440,8 +440,9 @@ class ChunkStore:
 
     def check_remote(self) -> None:
         """Unavailable when packs were moved to a cloud tier that cannot be reached now."""
-        if self.moved:
-            self._remote(next(iter(self.moved))).ping()
+        pack_id = next(iter(self.moved.copy()), None)  # the mover may add one meanwhile
+        if pack_id is not None:
+            self._remote(pack_id).ping()
 
     def read_remote(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes:
         """Bytes of a moved pack from its cloud tier."""
