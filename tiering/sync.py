@@ -572,6 +572,9 @@ class TierSync:
             "uploaded_bytes": ("counter", "Bytes uploaded to the tier since the server started."),
             "errors": ("counter", "Failed sync cycles since the server started."),
             "synced_at": ("gauge", "Unix time: everything local at this moment is in the tier."),
+            "local_bytes": ("gauge", "Bytes of packs on local disk."),
+            "cloud_bytes": ("gauge", "Bytes of packs the tier holds."),
+            "moved_bytes": ("gauge", "Bytes of packs living only in the tier (move mode)."),
         }
         lines = []
         for name, (kind, help_text) in gauges.items():

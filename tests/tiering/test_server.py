@@ -85,6 +85,9 @@ async def test_a_crash_during_a_move_leaves_a_consistent_repository(tmp_path: Pa
         status = cli("tier", "status", "--server", server.url, "--token", server.admin_token, env=env)
         assert f"moved after 0 days: {len(packs)} packs" in status.stdout and "local 0 B" in status.stdout
         async with server.client() as client:
+            metrics = await (await client._request("GET", "/metrics")).text()
+            assert 'chunkyard_tier_local_bytes{tier="s3"} 0' in metrics
+            assert f'chunkyard_tier_moved_bytes{{tier="s3"}} {tier["moved_bytes"]}' in metrics
             for vm, image in images.items():
                 assert await restore(client, points[vm], "d0") == image
     finally:
