@@ -133,7 +133,8 @@ def add_tier_parser(sub: argparse._SubParsersAction, client_args: Callable[[argp
     p = sub.add_parser("tier", help="cloud tiers: status, sync now, attach a bucket after losing the site")
     tsub = p.add_subparsers(dest="tier_command", required=True, metavar="ACTION")
 
-    sp = tsub.add_parser("status", help="each tier's lag (packs, bytes and points not yet copied) and errors")
+    sp = tsub.add_parser("status", help="each tier's lag (packs, bytes and points not yet copied), local, cloud and "
+                         "moved bytes, held deletions and errors")
     client_args(sp)
     sp.set_defaults(func=lambda args: cmd_status(args, call))
 

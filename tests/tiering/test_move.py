@@ -237,3 +237,23 @@ async def test_sync_requests(live: Live) -> None:
         assert too_big.status == 413
     for good in (None, {}, {"allow_mass_delete": False}, {"allow_mass_delete": True}):
         assert (await live.client.json("POST", "/tiers/sync", good))["tiers"] == []
+
+
+async def test_a_dead_moved_pack_under_object_lock_stays_in_the_bucket(live: Live, emulators: Emulators) -> None:
+    """GC drops a dead moved pack from the index, but its cloud copy stays, counted as a locked deletion:
+    the deleted point's copy is still locked and may need it (and S3 Object Lock, which moto enforces on
+    the version, would refuse the pack's delete too). That a lock cannot be shortened rests on AWS."""
+    store = emulators.store("s3", locked=True)
+    kept = (await backup(live.client, "vm1", {"d0": make_disk("rrrr", CHUNK, seed=9)}))["point_id"]
+    gone = (await backup(live.client, "vm2", {"d0": make_disk("rrrr", CHUNK, seed=10)}))["point_id"]
+    worker = live.worker(store, mode="move", move_after_days=1, immutable_days=1)
+    await cycle(worker, time.time() + 2 * DAY)
+    dead = packs_of(live, gone) - packs_of(live, kept)
+    assert dead and dead <= packs_in_index(live, MOVED)
+    await live.client.delete_point(gone)
+    await asyncio.to_thread(GarbageCollector(live.repo).run)
+    assert not dead & packs_in_index(live, MOVED)
+    await cycle(worker)
+    assert {pack_key(p) for p in dead} <= {i.key for i in store.list("packs/")}
+    assert worker.status.locked_deletes >= len(dead)
+    assert await restore(live.client, kept, "d0") == make_disk("rrrr", CHUNK, seed=9)
