@@ -107,6 +107,8 @@ async def test_old_packs_move_and_every_point_restores_from_the_cloud(live: Live
 
     await cycle(worker, time.time() + 1000 * DAY)  # now every point is old: every pack moves
     assert local_pack_files(live) == {} and packs_in_index(live, "sealed") == set()
+    left = sum(p.stat().st_size for p in (live.data / "packs").rglob("*") if p.is_file())  # the stubs
+    assert left < disk_before / 50
     status = worker.status_dict()
     assert status["local_bytes"] == 0 and status["moved_bytes"] == status["cloud_bytes"] >= disk_before
     reads = status["cloud_reads"]
