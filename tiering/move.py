@@ -10,10 +10,11 @@ seconds, or at once on `POST /tiers/sync`):
 3. Candidates: sealed local packs outside the keep set that every configured tier holds. A candidate no
    point needs at all is garbage for the next GC; moving it costs nothing and GC then drops it (and the
    tier its cloud copy).
-4. Per candidate: verify the cloud copy (below); then the index records the pack as `moved` (synced),
-   then the local file goes (`ChunkStore.mark_moved`). A crash between the two leaves a moved pack with
-   a stray local file, which recovery deletes at the next start; a crash before the index write leaves
-   a normal local pack that the next pass moves again.
+4. Per candidate: verify the cloud copy (below); then `ChunkStore.mark_moved` writes the pack's stub
+   (tier, size, records: the index stays rebuildable), records the pack as `moved` in the index (synced)
+   and deletes the local file. A crash between the index write and the unlink leaves a moved pack with a
+   stray local file, which recovery deletes at the next start; a crash before the index write leaves a
+   normal local pack (recovery drops its stub) that the next pass moves again.
 
 Verification, decided for cost: HEAD must show the local size, and three ranged GETs must equal the local
 bytes: the pack's tail (footer and trailer, i.e. every record's id, offset and length) and two 64 KiB
