@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chunkyard.tiering")
 DAY = 86400
-MOVE_EVERY = 600  # seconds between move passes (each walks the young points' manifests)
+MOVE_EVERY = 3600  # seconds between move passes: each walks the young points' manifests, like GC's mark
 WINDOW = 64 << 10  # bytes per read-back window
 BATCH = 1000
 
