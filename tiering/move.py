@@ -105,6 +105,7 @@ class Mover:
         self.repo, self.store, self.tier_name = repo, store, tier_name
         self.held, self.retry = held, retry
         self.rng = random.Random()
+        self.moved = 0  # packs this pass moved
 
     def candidates(self, now: float, after_days: int) -> list[tuple[int, int]]:
         """(pack id, size) of every pack ready to move now."""
@@ -120,7 +121,7 @@ class Mover:
         return found
 
     def move(self, pack_id: int, size: int) -> str | None:
-        """Verify the cloud copy and let the local file go; None when moved, else why not."""
+        """Verify the cloud copy and let the local file go; None when moved (or gone meanwhile), else why not."""
         key = pack_key(pack_id)
         info = self.retry(lambda: self.store.head(key))
         if info is None or info.size != size:
@@ -142,7 +143,7 @@ class Mover:
         finally:
             os.close(fd)
         crash_point("tier_move_verified")
-        self.repo.chunks.mark_moved(pack_id, self.tier_name)
+        self.moved += self.repo.chunks.mark_moved(pack_id, self.tier_name)
         return None
 
     def _windows(self, size: int) -> list[int]:

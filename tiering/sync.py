@@ -50,7 +50,7 @@ from repo_server.engine.pack import pack_path
 from .config import TierConfig
 from .layout import DESCRIPTOR, PACKS, POINTS, is_point, mirrored_files, pack_id_of, pack_key
 from .move import MOVE_EVERY, Mover
-from .remote import CloudPacks
+from .remote import READ_BACKOFF, CloudPacks
 from .retry import Backoff
 from .stores import LockedError, NotFoundError, Store, StoreError, TransientError, open_store
 from .stores.base import Source, source_size
@@ -124,7 +124,7 @@ class TierWorker:
         if tier.mode == "move":
             self.status.move_after_days = tier.move_after_days
             self.remote = CloudPacks(store, tier.name, repo.data / "tier-cache" / tier.name, tier.cache_mib << 20,
-                                     **{"backoff": read_backoff} if read_backoff else {})
+                                     read_backoff or READ_BACKOFF)
             repo.chunks.remote = self.remote
         self._next_move = 0.0  # time.monotonic() of the next move pass
         self._allow_mass_delete = False  # the admin confirmed the deletions the guard holds (one pass)
@@ -273,14 +273,13 @@ class TierWorker:
         problems = []
         for pack_id, size in mover.candidates(self.clock(), self.tier.move_after_days):
             if self._stop.is_set():
-                return
+                break
             problem = mover.move(pack_id, size)
-            if problem is None:
-                with self._lock:
-                    self.status.moved_since_start += 1
-            else:
+            if problem is not None:
                 problems.append(problem)
                 log.error("tier %s: %s", self.tier.name, problem)
+        with self._lock:
+            self.status.moved_since_start += mover.moved
         self.status.move_error = problems[0] if problems else None
 
     def _count_bytes(self, packs: dict[int, dict]) -> None:

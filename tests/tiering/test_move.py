@@ -100,7 +100,8 @@ async def test_old_packs_move_and_every_point_restores_from_the_cloud(live: Live
     moved = packs_in_index(live, MOVED)
     assert moved == (packs_of(live, p1) | packs_of(live, p2) | packs_of(live, p3)) - packs_of(live, p4)
     assert moved and not moved & local_pack_files(live).keys()
-    assert worker.status.moved_packs == len(moved) and worker.status.move_error is None
+    assert worker.status.moved_packs == worker.status.moved_since_start == len(moved)
+    assert worker.status.move_error is None
     assert {pack_key(p) for p in moved} <= {i.key for i in store.inner.list("packs/")}
     await restores_bit_exact(live, expected, tmp_path)
     assert worker.status_dict()["cloud_reads"] > 0
