@@ -106,6 +106,7 @@ class Mover:
         self.held, self.retry = held, retry
         self.rng = random.Random()
         self.moved = 0  # packs this pass moved
+        self.bad: list[str] = []  # keys of cloud copies that did not verify: to be uploaded again
 
     def candidates(self, now: float, after_days: int) -> list[tuple[int, int]]:
         """(pack id, size) of every pack ready to move now."""
@@ -125,6 +126,7 @@ class Mover:
         key = pack_key(pack_id)
         info = self.retry(lambda: self.store.head(key))
         if info is None or info.size != size:
+            self.bad.append(key)
             return (f"{self.store.url}{key} holds {'nothing' if info is None else f'{info.size} bytes'} instead "
                     f"of {size} bytes: pack {pack_id:016x} stays local")
         path = pack_path(self.repo.chunks.root, pack_id)
@@ -137,9 +139,9 @@ class Mover:
                 end = min(size, start + WINDOW)
                 cloud = self.retry(lambda s=start, e=end: self.store.get(key, s, e))
                 if cloud != os.pread(fd, end - start, start):
+                    self.bad.append(key)
                     return (f"{self.store.url}{key} differs from the local pack at bytes {start}-{end}: pack "
-                            f"{pack_id:016x} stays local (check the bucket; `chunkyard tier attach` would "
-                            "refuse such a pack)")
+                            f"{pack_id:016x} stays local and is uploaded again")
         finally:
             os.close(fd)
         crash_point("tier_move_verified")

@@ -281,6 +281,20 @@ class TierWorker:
         with self._lock:
             self.status.moved_since_start += mover.moved
         self.status.move_error = problems[0] if problems else None
+        for key in mover.bad:
+            self._replace_bad_copy(key)
+
+    def _replace_bad_copy(self, key: str) -> None:
+        """A cloud copy that failed the move's verification: delete it and forget it, so the next cycle
+        uploads the pack again (a lock keeps it: then it stays, and the pack stays local)."""
+        with contextlib.suppress(LockedError):
+            self._retry(lambda: self.store.delete(key))
+        batch = self.repo.index.batch()
+        batch.delete("meta", self._state_prefix + key.encode())
+        self.repo.index.write(batch, sync=True)
+        with self._lock:
+            self._uploaded.pop(key, None)
+        self._wake.set()
 
     def _count_bytes(self, packs: dict[int, dict]) -> None:
         moved = [s["size"] for s in packs.values() if s["state"] == MOVED]

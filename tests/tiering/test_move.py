@@ -260,3 +260,26 @@ async def test_a_dead_moved_pack_under_object_lock_stays_in_the_bucket(live: Liv
     assert {pack_key(p) for p in dead} <= {i.key for i in store.list("packs/")}
     assert worker.status.locked_deletes >= len(dead)
     assert await restore(live.client, kept, "d0") == make_disk("rrrr", CHUNK, seed=9)
+
+
+async def test_a_pack_whose_cloud_copy_does_not_verify_stays_local(live: Live, emulators: Emulators,
+                                                                    kind: str) -> None:
+    image = make_disk("rrrrrrrr", CHUNK, seed=11)
+    point = (await backup(live.client, "vm1", {"d0": image}))["point_id"]
+    store = emulators.store(kind)
+    worker = live.worker(store, kind, mode="move", move_after_days=1)
+    await cycle(worker)  # copied; nothing old yet
+    local = local_pack_files(live)
+    damaged, cut = sorted(local)[:2]
+    data = pack_path(live.repo.chunks.root, damaged).read_bytes()
+    store.put(pack_key(damaged), data[:-10] + bytes(10), if_absent=False)  # same size, different trailer
+    store.put(pack_key(cut), pack_path(live.repo.chunks.root, cut).read_bytes()[:-1], if_absent=False)
+    await cycle(worker, time.time() + 2 * DAY)
+    assert {damaged, cut} <= local_pack_files(live).keys()  # never deleted locally
+    assert not {damaged, cut} & packs_in_index(live, MOVED)
+    assert packs_in_index(live, MOVED) == local.keys() - {damaged, cut}
+    assert "differs from the local pack" in worker.status.move_error or "instead of" in worker.status.move_error
+    assert await restore(live.client, point, "d0") == image
+    await cycle(worker)  # the bad copies were deleted and forgotten: uploaded again, verified, moved
+    assert local_pack_files(live) == {} and worker.status.move_error is None
+    assert await restore(live.client, point, "d0") == image
