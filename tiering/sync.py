@@ -309,7 +309,7 @@ class TierWorker:
     def _guard(self, files_gone: list[str], packs_gone: list[str]) -> bool:
         """Whether this pass may delete in the cloud. A pass that would delete more than
         mass_delete_fraction of the tier's points or packs (and more than mass_delete_min of them) is
-        what a lost points/ directory or index looks like, not a prune: it waits for the admin
+        what a lost or emptied points/ directory looks like, not a prune: it waits for the admin
         (`chunkyard tier sync --allow-mass-delete`). Uploads go on meanwhile."""
         allowed, self._allow_mass_delete = self._allow_mass_delete, False  # one pass only, used or not
         points_gone = [k for k in files_gone if is_point(k)]
