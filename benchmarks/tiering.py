@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = random.Random(7).randbytes(args.mib * MiB)  # incompressible: pack bytes ≈ disk bytes
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tiering-", dir=OUT))
-    started = time.time()
+    started, machine = time.time(), machine_info()  # the load average before the run
     runs: list[dict] = []
     try:
         for kind in args.stores:
@@ -346,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(rows, limit_head="plain SDK, same bytes, same run")
     print(table)
     write_json(args.json, {"benchmark": "tiering", "args": {"mib": args.mib, "runs": args.runs, "stores": args.stores},
-                           "machine": machine_info(), "source": source_state(), "seconds": round(time.time() - started),
+                           "machine": machine, "source": source_state(), "seconds": round(time.time() - started),
                            "rows": [r.to_json() for r in rows], "runs": runs, "table": table})
     print(f"\nJSON: {args.json}")
     return 0
