@@ -32,13 +32,16 @@ test: $(VENV)/.test-deps system-deps
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 
-# bench: the storage engine, then the fleet suite at scale small (3 runs, about 30 min; see benchmarks/RESULTS.md).
+# bench: the storage engine, the fleet suite at scale small (3 runs, about 30 min) and the cloud tiers against
+# moto and Azurite (3 runs, a few minutes; the emulators come with the test extra and system-deps); see
+# benchmarks/RESULTS.md.
 # bench-smoke: the fleet suite at scale smoke for CI (under 3 min); fails only when something breaks, not on a
 # missed target.
-bench: $(BIN)/chunkyard
+bench: $(BIN)/chunkyard $(VENV)/.test-deps system-deps
 	bash benchmarks/install-peers.sh
 	$(BIN)/python -m benchmarks.engine
 	$(BIN)/python -m benchmarks.suite --scale small
+	$(BIN)/python -m benchmarks.tiering
 
 .PHONY: bench-smoke
 bench-smoke: $(BIN)/chunkyard

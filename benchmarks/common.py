@@ -591,8 +591,9 @@ class ChunkyardServer:
     """A real `chunkyard serve` process on a free loopback port, over a data directory that `chunkyard init`
     creates when it holds no repository yet (an existing repository and its admin.token are reused)."""
 
-    def __init__(self, data: Path, *, chunk_size: str = "1MiB", log: Path | None = None):
+    def __init__(self, data: Path, *, chunk_size: str = "1MiB", log: Path | None = None, config: Path | None = None):
         self.data = data
+        self.config = config  # a server TOML file (`--config`), e.g. with [[tier]] tables
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or data.parent / f"{data.name}-server.log"
@@ -604,7 +605,7 @@ class ChunkyardServer:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "chunkyard.cli", "serve", "--data", str(self.data),
-               "--listen", f"127.0.0.1:{self.port}"]
+               "--listen", f"127.0.0.1:{self.port}"] + (["--config", str(self.config)] if self.config else [])
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -150,6 +150,10 @@ def _repair_check(args: argparse.Namespace) -> None:
             if report[key]:
                 print(f"  {key.replace('_', ' ')}: {', '.join(report[key][:20])}"
                       + (f" (+{len(report[key]) - 20} more)" if len(report[key]) > 20 else ""))
+        if report["packs_in_cloud_unchecked"]:
+            print(f"  {report['packs_in_cloud_unchecked']} packs live in a cloud tier (move mode) and were not "
+                  f"checked offline, nor {report['points_unchecked']} points whose manifests are there: "
+                  "`chunkyard verify` on the running server reads them back.")
         print("Healthy." if report["healthy"] else "Problems found: start the server and run `chunkyard verify` "
               "to quarantine damaged chunks (the next backups re-send them).")
     if not report["healthy"]:

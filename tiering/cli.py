@@ -36,8 +36,15 @@ def _table(tiers: list[dict]) -> None:
                    f"{t['pending_points']} pts")
         print(f"{t['name']:<12}{t['url']:<40.40}{t['state']:<9}{pending:>26}{t['locked_deletes']:>8}  "
               f"{_when(t['synced_at'])}")
-        if t["error"]:
-            print(f"  error: {t['error']}")
+        where = f"local {format_size(t['local_bytes'])}, cloud {format_size(t['cloud_bytes'])}"
+        if t["mode"] == "move":
+            where += (f"; moved after {t['move_after_days']} days: {t['moved_packs']} packs "
+                      f"({format_size(t['moved_bytes'])}); read cache {format_size(t['cache_bytes'])}, "
+                      f"{t['cache_hits']} hits, {t['cloud_reads']} cloud reads")
+        print(f"  {t['mode']}: {where}")
+        for label in ("error", "deletions_paused", "move_error"):
+            if t[label]:
+                print(f"  {label.replace('_', ' ')}: {t[label]}")
 
 
 def _show(args: argparse.Namespace, tiers: list[dict]) -> None:
@@ -55,7 +62,7 @@ def cmd_sync(args: argparse.Namespace, call: Call) -> None:
     """Start a cycle and (unless --no-wait) follow every tier until it has caught up with the request."""
 
     async def go(client: Client) -> list[dict]:
-        answer = await client.json("POST", "/tiers/sync")
+        answer = await client.json("POST", "/tiers/sync", {"allow_mass_delete": args.allow_mass_delete})
         requested, tiers = answer["requested"], answer["tiers"]
         deadline = time.monotonic() + args.timeout
         while not args.no_wait and tiers:
@@ -76,6 +83,9 @@ def cmd_sync(args: argparse.Namespace, call: Call) -> None:
     if any(t["error"] for t in tiers):
         raise TierCommandError("a tier failed: " + "; ".join(f"{t['name']}: {t['error']}" for t in tiers
                                                                 if t["error"]))
+    if any(t["deletions_paused"] for t in tiers):
+        raise TierCommandError("; ".join(f"{t['name']}: {t['deletions_paused']}" for t in tiers
+                                         if t["deletions_paused"]))
 
 
 def cmd_attach(args: argparse.Namespace) -> None:
@@ -123,12 +133,16 @@ def add_tier_parser(sub: argparse._SubParsersAction, client_args: Callable[[argp
     p = sub.add_parser("tier", help="cloud tiers: status, sync now, attach a bucket after losing the site")
     tsub = p.add_subparsers(dest="tier_command", required=True, metavar="ACTION")
 
-    sp = tsub.add_parser("status", help="each tier's lag (packs, bytes and points not yet copied) and errors")
+    sp = tsub.add_parser("status", help="each tier's lag (packs, bytes and points not yet copied), local, cloud and "
+                         "moved bytes, held deletions and errors")
     client_args(sp)
     sp.set_defaults(func=lambda args: cmd_status(args, call))
 
     sp = tsub.add_parser("sync", help="copy what is pending now and wait until every tier has caught up")
     sp.add_argument("--no-wait", action="store_true", help="only start the cycle")
+    sp.add_argument("--allow-mass-delete", action="store_true",
+                    help="confirm cloud deletions the mass-deletion guard holds (after checking that the local "
+                         "points really were deleted on purpose)")
     sp.add_argument("--timeout", type=float, default=3600, help="give up waiting after this many seconds")
     client_args(sp)
     sp.set_defaults(func=lambda args: cmd_sync(args, call))

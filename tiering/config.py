@@ -8,7 +8,12 @@
     endpoint = "https://..."     # optional: S3-compatible endpoint, or the Azure account URL
     region = "eu-west-1"         # S3 only, optional
     path_style = false           # S3 only: path-style addressing (most S3-compatible servers)
-    mode = "copy"                # copy: every sealed pack and point also goes to the cloud
+    mode = "copy"                # copy: every sealed pack and point also goes to the cloud;
+                                 # move: the same, and old packs then leave local disk (capacity tier)
+    move_after_days = 30         # move mode: packs only points older than this need leave local disk
+    cache_mib = 256              # move mode: local disk cache of records read back from the cloud
+    mass_delete_fraction = 0.2   # a sync pass that would delete more than this share of the cloud's
+    mass_delete_min = 10         # points or packs (and more than this many) waits for the admin
     immutable_days = 0           # > 0: lock each point and the packs it needs for this many days
     lock_mode = "compliance"     # compliance (nobody can shorten) or governance
     lock_generation_days = 10    # pack locks are extended in steps of this many days (see docs/tiering.md)
@@ -29,7 +34,7 @@ from typing import Any
 from chunkyard.config import ConfigError
 
 KINDS = ("s3", "azure")
-MODES = ("copy",)
+MODES = ("copy", "move")
 LOCK_MODES = ("compliance", "governance")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -50,6 +55,10 @@ class TierConfig:
     interval_seconds: float = 60.0
     concurrency: int = 4
     part_size_mib: int = 64
+    move_after_days: int = 30
+    cache_mib: int = 256
+    mass_delete_fraction: float = 0.2
+    mass_delete_min: int = 10
 
     @property
     def url(self) -> str:
@@ -58,7 +67,7 @@ class TierConfig:
 
 def _check(tier: TierConfig, where: str) -> TierConfig:
     if tier.mode not in MODES:
-        raise ConfigError(f"{where}: mode must be \"copy\" (move mode is not implemented yet); got {tier.mode!r}")
+        raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}; got {tier.mode!r}")
     if tier.lock_mode not in LOCK_MODES:
         raise ConfigError(f"{where}: lock_mode must be one of {', '.join(LOCK_MODES)}; got {tier.lock_mode!r}")
     if not _NAME.fullmatch(tier.name):
@@ -70,6 +79,10 @@ def _check(tier: TierConfig, where: str) -> TierConfig:
     if tier.interval_seconds <= 0 or tier.concurrency < 1 or tier.part_size_mib < 5:
         raise ConfigError(f"{where}: interval_seconds must be > 0, concurrency ≥ 1 and part_size_mib ≥ 5 "
                           "(S3's smallest part)")
+    if not 0 <= tier.move_after_days <= 36500 or not 0 <= tier.cache_mib <= 1 << 20:
+        raise ConfigError(f"{where}: move_after_days must be 0-36500 and cache_mib 0-{1 << 20} (0 = no cache)")
+    if not 0 < tier.mass_delete_fraction <= 1 or tier.mass_delete_min < 0:
+        raise ConfigError(f"{where}: mass_delete_fraction must be in (0, 1] and mass_delete_min ≥ 0")
     return tier
 
 
@@ -107,6 +120,8 @@ def parse_tier(table: dict[str, Any], where: str = "[[tier]]") -> TierConfig:
 
 def parse_tiers(tables: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[TierConfig]:
     tiers = [parse_tier(t, f"[[tier]] #{n}") for n, t in enumerate(tables, 1)]
+    if sum(t.mode == "move" for t in tiers) > 1:
+        raise ConfigError("only one [[tier]] may use mode = \"move\": a moved pack lives in exactly one tier")
     names = [t.name for t in tiers]
     for name in set(names):
         if names.count(name) > 1:

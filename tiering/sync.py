@@ -46,11 +46,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from repo_server.engine.chunk_store import PACK_KEY
+from repo_server.engine.chunk_store import MOVED, PACK_KEY
 from repo_server.engine.pack import pack_path
 
 from .config import TierConfig
 from .layout import DESCRIPTOR, PACKS, POINTS, is_point, mirrored_files, pack_id_of, pack_key
+from .move import MOVE_EVERY, Mover
+from .remote import READ_BACKOFF, CloudPacks
 from .retry import Backoff
 from .stores import LockedError, NotFoundError, Store, StoreError, TransientError, open_store
 from .stores.base import Source, source_size
@@ -93,15 +95,42 @@ class TierStatus:
     last_cycle: float | None = None  # when the last cycle ended
     synced_at: float | None = None  # start of the last cycle that left nothing local out of the cloud
     oldest_pending: float | None = None  # creation time of the oldest pack or point that cycle found pending
+    deletions_paused: str | None = None  # why the mass-deletion guard holds this pass's cloud deletions
+    local_bytes: int = 0  # packs on local disk
+    cloud_bytes: int = 0  # packs this tier holds
+    move_after_days: int | None = None  # move mode only, like the fields below
+    moved_packs: int = 0  # packs living only in this tier
+    moved_bytes: int = 0
+    moved_since_start: int = 0
+    move_error: str | None = None  # why the last pass left a pack local (a cloud copy that did not verify)
+    cloud_reads: int = 0  # ranged GETs of moved records since the server started
+    cloud_read_bytes: int = 0
+    cache_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
 
 
 class TierWorker:
     """The uploader of one tier; `run_cycle` is also called directly by tests."""
 
-    def __init__(self, repo: Repository, tier: TierConfig, store: Store, *, backoff: Backoff | None = None):
+    def __init__(self, repo: Repository, tier: TierConfig, store: Store, *, backoff: Backoff | None = None,
+                 peers: Iterable[str] = (), clock: Callable[[], float] = time.time,
+                 read_backoff: Backoff | None = None):
+        """`peers`: the other tiers' names (a pack moves only once they all hold it); `clock`: "now" for
+        the age of points (tests age them without sleeping). A move-mode tier serves reads of moved packs
+        from construction on (`repo.chunks.remote`) until `stop`."""
         self.repo, self.tier, self.store = repo, tier, store
         self.backoff = backoff or Backoff()
+        self.peers, self.clock = list(peers), clock
         self.status = TierStatus(tier.name, tier.kind, store.url, tier.mode, tier.immutable_days)
+        self.remote: CloudPacks | None = None
+        if tier.mode == "move":
+            self.status.move_after_days = tier.move_after_days
+            self.remote = CloudPacks(store, tier.name, repo.data / "tier-cache" / tier.name, tier.cache_mib << 20,
+                                     read_backoff or READ_BACKOFF)
+            repo.chunks.remote = self.remote
+        self._next_move = 0.0  # time.monotonic() of the next move pass
+        self._allow_mass_delete = False  # the admin confirmed the deletions the guard holds (one pass)
         self._state_prefix = f"tier/{tier.name}/".encode()
         self._uploaded: dict[str, dict[str, Any]] | None = None  # object key -> state; loaded on first cycle
         self._lock = threading.Lock()  # _uploaded and the status counters, shared with the upload pool
@@ -125,9 +154,17 @@ class TierWorker:
         if self._thread is not None:
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.remote is not None:
+            if self.repo.chunks.remote is self.remote:
+                self.repo.chunks.remote = None
+            self.remote.close()
         self.status.state = "stopped"
 
-    def wake(self) -> None:
+    def wake(self, *, allow_mass_delete: bool = False) -> None:
+        """Run a cycle (and a move pass) now; `allow_mass_delete` lets its deletions past the guard."""
+        if allow_mass_delete:
+            self._allow_mass_delete = True
+        self._next_move = 0.0
         self._wake.set()
 
     def _run(self) -> None:
@@ -165,6 +202,16 @@ class TierWorker:
             self.status.oldest_pending = None
         return done
 
+    def status_dict(self) -> dict:
+        """The status with the read-back counters of move mode filled in."""
+        if self.remote is not None:
+            cache = self.remote.cache
+            with self._lock:
+                self.status.cloud_reads, self.status.cloud_read_bytes = self.remote.fetches, self.remote.fetched_bytes
+                self.status.cache_bytes, self.status.cache_hits, self.status.cache_misses = (cache.size, cache.hits,
+                                                                                             cache.misses)
+        return asdict(self.status)
+
     # ---------------------------------------------------------------- one cycle
 
     def _cycle(self) -> bool:
@@ -183,6 +230,7 @@ class TierWorker:
             self.repo.chunks.seal_open_pack()
             packs = self._local_packs()
         sealed = {pid: s["size"] for pid, s in packs.items() if s["state"] == "sealed"}
+        self._count_bytes(packs)
         packs_todo = [pid for pid in sorted(sealed) if pack_key(pid) not in uploaded]
         files_todo = {}  # markers, retention.json and the wrapped key, when their content is not the tier's
         for key, path in files.items():
@@ -207,8 +255,12 @@ class TierWorker:
         for key in points_todo:
             with contextlib.suppress(FileNotFoundError):  # pruned since the snapshot: nothing to copy
                 self._upload(key, files[key], point_until, "pending_points")
-        self._delete_gone(files_gone, packs_gone)
+        if self._guard(files_gone, packs_gone):
+            self._delete_gone(files_gone, packs_gone)
         self._extend_retention(packs)
+        if self.tier.mode == "move" and time.monotonic() >= self._next_move:
+            self._move_pass()
+            self._count_bytes(self._local_packs())
         return True
 
     def _oldest(self, packs_todo: list[int], points_todo: list[str]) -> float | None:
@@ -222,6 +274,82 @@ class TierWorker:
             with contextlib.suppress(FileNotFoundError):  # GC removed it since the snapshot
                 times.append(pack_path(self.repo.chunks.root, packs_todo[0]).stat().st_mtime)
         return min(times, default=None)
+    # ---------------------------------------------------------------- move mode
+
+    def _move_pass(self) -> None:
+        """Let packs only old points need leave local disk (move.py); errors of one pack leave it local."""
+        self._next_move = time.monotonic() + MOVE_EVERY
+        uploaded = self._uploaded
+
+        def held(key: str) -> bool:
+            return key in uploaded and all(self.repo.index.get("meta", f"tier/{peer}/{key}".encode()) is not None
+                                           for peer in self.peers)
+
+        mover = Mover(self.repo, self.store, self.tier.name, held=held, retry=self._retry)
+        problems = []
+        for pack_id, size in mover.candidates(self.clock(), self.tier.move_after_days):
+            if self._stop.is_set():
+                break
+            problem = mover.move(pack_id, size)
+            if problem is not None:
+                problems.append(problem)
+                log.error("tier %s: %s", self.tier.name, problem)
+        with self._lock:
+            self.status.moved_since_start += mover.moved
+        self.status.move_error = problems[0] if problems else None
+        for key in mover.bad:
+            self._replace_bad_copy(key)
+
+    def _replace_bad_copy(self, key: str) -> None:
+        """A cloud copy that failed the move's verification: delete it and forget it, so the next cycle
+        uploads the pack again (a lock keeps it: then it stays, and the pack stays local)."""
+        with contextlib.suppress(LockedError):
+            self._retry(lambda: self.store.delete(key))
+        batch = self.repo.index.batch()
+        batch.delete("meta", self._state_prefix + key.encode())
+        self.repo.index.write(batch, sync=True)
+        with self._lock:
+            self._uploaded.pop(key, None)
+        self._wake.set()
+
+    def _count_bytes(self, packs: dict[int, dict]) -> None:
+        moved = [s["size"] for s in packs.values() if s["state"] == MOVED]
+        with self._lock:
+            self.status.moved_packs, self.status.moved_bytes = len(moved), sum(moved)
+            self.status.local_bytes = sum(s["size"] for s in packs.values() if s["state"] != MOVED)
+            self.status.cloud_bytes = sum(state["size"] for key, state in self._uploaded.items()
+                                          if pack_id_of(key) is not None)
+
+    # ---------------------------------------------------------------- the mass-deletion guard
+
+    def _guard(self, files_gone: list[str], packs_gone: list[str]) -> bool:
+        """Whether this pass may delete in the cloud. A pass that would delete more than
+        mass_delete_fraction of the tier's points or packs (and more than mass_delete_min of them) is
+        what a lost or emptied points/ directory looks like, not a prune: it waits for the admin
+        (`chunkyard tier sync --allow-mass-delete`). Uploads go on meanwhile."""
+        allowed, self._allow_mass_delete = self._allow_mass_delete, False  # one pass only, used or not
+        points_gone = [k for k in files_gone if is_point(k)]
+        held_points = sum(1 for k in self._uploaded if is_point(k))
+        held_packs = sum(1 for k in self._uploaded if pack_id_of(k) is not None)
+        too_many = [f"{len(gone)} of the {held} {what}" for gone, held, what in
+                    ((points_gone, held_points, "points"), (packs_gone, held_packs, "packs"))
+                    if len(gone) > max(self.tier.mass_delete_min, self.tier.mass_delete_fraction * held)]
+        if not too_many:
+            self.status.deletions_paused = None
+            return True
+        if allowed:
+            log.warning("tier %s: deleting %s in the cloud, as the admin confirmed", self.tier.name,
+                        " and ".join(too_many))
+            self.status.deletions_paused = None
+            return True
+        reason = (f"cloud deletions paused: this pass would delete {' and '.join(too_many)} in the tier (more than "
+                  f"{self.tier.mass_delete_fraction:.0%}), which looks like lost local data rather than a prune. "
+                  "Check the data directory; if the deletions are intended, run "
+                  "`chunkyard tier sync --allow-mass-delete`")
+        if reason != self.status.deletions_paused:
+            log.error("tier %s: %s", self.tier.name, reason)
+        self.status.deletions_paused = reason
+        return False
 
     def _local_packs(self) -> dict[int, dict]:
         return {PACK_KEY.unpack(k)[0]: json.loads(v) for k, v in self.repo.index.scan("packs")}
@@ -269,7 +397,7 @@ class TierWorker:
             pid = pack_id_of(info.key)
             if pid is not None:
                 state = packs.get(pid)
-                local_size = state["size"] if state is not None and state["state"] == "sealed" else None
+                local_size = state["size"] if state is not None and state["state"] in ("sealed", MOVED) else None
             else:
                 local_size = _size(local_points[info.key]) if is_point(info.key) and info.key in local_points else None
             if info.key not in self._uploaded and local_size == info.size:
@@ -444,7 +572,9 @@ class TierSync:
         self.workers: list[TierWorker] = []
 
     def start(self, repo: Repository) -> None:
-        self.workers = [TierWorker(repo, t, s) for t, s in zip(self.tiers, self.stores, strict=True)]
+        names = [t.name for t in self.tiers]
+        self.workers = [TierWorker(repo, t, s, peers=[n for n in names if n != t.name])
+                        for t, s in zip(self.tiers, self.stores, strict=True)]
         for worker in self.workers:
             worker.start()
 
@@ -454,12 +584,12 @@ class TierSync:
         for store in self.stores:
             store.close()
 
-    def wake(self) -> None:
+    def wake(self, *, allow_mass_delete: bool = False) -> None:
         for worker in self.workers:
-            worker.wake()
+            worker.wake(allow_mass_delete=allow_mass_delete)
 
     def status(self) -> list[dict]:
-        return [asdict(w.status) for w in self.workers]
+        return [w.status_dict() for w in self.workers]
 
     def metric_families(self) -> Iterable[Metric]:
         """Per tier, at scrape time: the lag (what is not in the cloud yet, and how old the oldest of it is)
@@ -472,6 +602,9 @@ class TierSync:
             "uploaded_bytes": ("counter", "Bytes uploaded to the tier since the server started."),
             "errors": ("counter", "Failed sync cycles since the server started."),
             "synced_at": ("gauge", "Unix time: everything local at this moment is in the tier."),
+            "local_bytes": ("gauge", "Bytes of packs on local disk."),
+            "cloud_bytes": ("gauge", "Bytes of packs the tier holds."),
+            "moved_bytes": ("gauge", "Bytes of packs living only in the tier (move mode)."),
         }
         for name, (kind, help_text) in fields.items():
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(

@@ -102,9 +102,14 @@ async def tiers(request: web.Request) -> web.Response:
 @operator_only
 @audited("tier.sync")
 async def sync_tiers(request: web.Request) -> web.Response:
-    """Start a sync cycle now; a tier is caught up with this request once its synced_at ≥ requested."""
+    """Start a sync cycle now; a tier is caught up with this request once its synced_at ≥ requested.
+    {"allow_mass_delete": true} lets that cycle's deletions past the mass-deletion guard."""
+    body = await read_json(request, optional=True)
+    if not isinstance(body, dict) or set(body) - {"allow_mass_delete"} \
+            or not isinstance(body.get("allow_mass_delete", False), bool):
+        raise ApiError(422, "bad_field", 'the body may hold {"allow_mass_delete": true|false} (default false)')
     requested = time.time()
-    request.app[TIERS].wake()
+    request.app[TIERS].wake(allow_mass_delete=body.get("allow_mass_delete", False))
     return web.json_response({"requested": requested, "tiers": request.app[TIERS].status()}, status=202)
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chunkyard.config import ServerConfig
-from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository
+from repo_server.engine import Conflict, Corrupt, EngineError, Forbidden, Invalid, NotFound, Repository, Unavailable
 from tiering.config import parse_tiers
 from tiering.sync import TierSync
 
@@ -27,7 +27,7 @@ from .metrics import Metrics, register_metric_source, repository_families
 from .signed import SIGNER, UrlSigner, load_secret
 
 log = logging.getLogger("chunkyard.server")
-STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500}
+STATUS = {NotFound: 404, Invalid: 422, Forbidden: 403, Conflict: 409, Corrupt: 500, Unavailable: 503}
 
 
 def _disk_full(e: BaseException) -> bool:

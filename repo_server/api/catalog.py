@@ -13,7 +13,7 @@ from aiohttp import web
 
 from chunkyard.vdisk import Piece, VhdxLayout
 from chunkyard.wire import DIGEST_LEN, ZERO
-from repo_server.engine import Corrupt, Repository
+from repo_server.engine import Corrupt, Repository, Unavailable
 from repo_server.engine.manifest import PAGE_BYTES, PAGE_ENTRIES, chunk_length
 from repo_server.engine.points import public, vm_view
 from repo_server.engine.restore import DiskImage, find_disk
@@ -25,6 +25,7 @@ from .signed import SIGNER, signable
 
 log = logging.getLogger("chunkyard.restore")
 READ_AHEAD = 8  # chunks decompressed and verified ahead of the socket
+REMOTE_READ_AHEAD = 16  # the same when packs were moved to a cloud tier: reads of those wait on the network
 LOCATE_BATCH = 256
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -159,6 +160,8 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
     pool = request.app[POOL]
     metrics = request.app[METRICS]
     pending: deque[tuple[asyncio.Future | bytes, int, int]] = deque()
+    moved, remote = image.repo.chunks.moved, image.repo.chunks.remote
+    read_ahead = REMOTE_READ_AHEAD if moved and remote is not None else READ_AHEAD
     located: list = []
     located_from = 0
 
@@ -184,12 +187,13 @@ async def stream_pieces(request: web.Request, image: DiskImage, resp: web.Stream
                     located = await loop.run_in_executor(
                         pool, image.locations, index, min(image.chunks, index + LOCATE_BATCH))
                 loc = located[index - located_from]
-                pending.append((loop.run_in_executor(pool, image.read_chunk, index, loc), lo, n))
-            while len(pending) >= READ_AHEAD:
+                executor = remote.pool if remote is not None and loc is not None and loc.pack_id in moved else pool
+                pending.append((loop.run_in_executor(executor, image.read_chunk, index, loc), lo, n))
+            while len(pending) >= read_ahead:
                 await drain_one()
         while pending:
             await drain_one()
-    except Corrupt as e:
+    except (Corrupt, Unavailable) as e:
         # Headers are sent: the only honest signal left is to cut the connection short of Content-Length.
         log.error("restore of %s stopped: %s", image.etag, e)
         if request.transport is not None:
@@ -228,6 +232,8 @@ async def download(request: web.Request, fmt: str) -> web.StreamResponse:
         else:
             size, etag = image.size, image.etag
         span = parse_range(request, size, etag)
+        if request.method != "HEAD":
+            await run(request, repo.chunks.check_remote)  # a cloud tier that is down: 503 now, not a cut stream
     except BaseException:
         image.close()
         raise

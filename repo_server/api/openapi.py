@@ -142,11 +142,15 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
     "/points/{pid}/blobs/{name}": {"get": ("A stored configuration file", ["admin", "reader"], None, 200, OCTET)},
     "/tiers": {"get": (
         "Cloud tiers ([[tier]] in the server configuration) and their lag: per tier its state, the packs, bytes, "
-        "points and files not yet copied, deletions waiting for a retention date, counters, the last error, and "
-        "synced_at (everything local at that time is in the tier)", ["admin", "reader"], None, 200, JSON_OBJ)},
+        "points and files not yet copied, deletions waiting for a retention date, counters, the last error, "
+        "synced_at (everything local at that time is in the tier), deletions_paused (the mass-deletion guard), "
+        "local and cloud bytes, and in move mode the moved packs and bytes and the read cache",
+        ["admin", "reader"], None, 200, JSON_OBJ)},
     "/tiers/sync": {"post": (
-        "Start a sync cycle of every tier now. Answers 202 with `requested`; a tier has caught up with this "
-        "request once its synced_at ≥ requested.", ["admin"], None, 202, JSON_OBJ)},
+        "Start a sync cycle (and a move pass) of every tier now. Answers 202 with `requested`; a tier has caught "
+        "up with this request once its synced_at ≥ requested. Optional body {\"allow_mass_delete\": true}: the "
+        "cycle's cloud deletions go through even above the mass-deletion guard's threshold.",
+        ["admin"], "json-optional", 202, JSON_OBJ)},
     "/audit": {"get": (
         "The newest audit records (`?limit=N`, 1..10000, default 100), newest first: token create/revoke, point "
         "delete, protection, retention changes, prune, gc, verify, tier sync, repair; each {time, who {token_id, "

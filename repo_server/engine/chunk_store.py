@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 
@@ -19,7 +21,8 @@ from chunkyard.wire import digest
 
 from .barrier import GcBarrier
 from .codec import CodecError, decode
-from .errors import Corrupt, NotFound
+from .durable import write_atomic
+from .errors import Corrupt, NotFound, Unavailable
 from .faults import crash_point
 from .index import U64, Index, Location
 from .keyring import Keyring
@@ -37,6 +40,19 @@ from .pack import (
 )
 
 PACK_KEY = U64  # packs CF key: pack id, little-endian u64
+MOVED = "moved"  # packs CF state of a pack that lives only in a cloud tier (move mode, tiering/move.py)
+STUB = ".moved"  # beside where a moved pack was: its tier, size and records, so the index stays rebuildable
+
+
+class RemotePacks(Protocol):
+    """Where moved packs are read from: the move-mode tier (tiering/remote.py). Raises Unavailable.
+    `pool` runs reads of moved records for restore streams, many in flight (they wait on the network)."""
+
+    pool: Executor
+
+    def read(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes: ...
+
+    def ping(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +107,8 @@ class ChunkStore:
         self.unique_bytes = index.counter("unique_bytes")
         self.stored_bytes = index.counter("stored_bytes")
         self.pack_count = index.counter("pack_count")
+        self.moved: dict[int, str] = {}  # pack id -> the tier it lives in, for packs no longer on local disk
+        self.remote: RemotePacks | None = None  # set while the move-mode tier runs
 
     # ---------------------------------------------------------------- recovery
 
@@ -101,6 +119,7 @@ class ChunkStore:
         scan that cuts a torn tail) and its records the index lacks are indexed again.
         """
         report = RecoveryReport()
+        self._finish_moves(report)
         pack_files = sorted(self.root.glob("*/*.pack"))
         newest_open: tuple[int, Path] | None = None
         for path in pack_files:
@@ -121,12 +140,43 @@ class ChunkStore:
             self._writer = self._resume(*newest_open, report)
             self._index_recovered(newest_open[0], self._writer.records, self._writer.size, sealed=False,
                                   report=report)
-        next_id = max((int(p.stem, 16) for p in pack_files), default=0) + 1
+        next_id = max((int(p.stem, 16) for p in [*pack_files, *self.root.glob(f"*/*{STUB}")]), default=0) + 1
         if self.index.counter("next_pack_id") < next_id:
             batch = self.index.batch()
             batch.put("meta", b"next_pack_id", U64.pack(next_id))
             self.index.write(batch, sync=True)
         return report
+
+    def _finish_moves(self, report: RecoveryReport) -> None:
+        """Load which packs live in a cloud tier. A move writes the pack's stub, then the index entry, then
+        deletes the pack file: a pack file whose index entry says moved is deleted (the move was cut just
+        before), a stub whose pack file is still there and not moved is dropped (cut before the index
+        write), and a stub the index does not know (a rebuilt index) is indexed again."""
+        for key, value in self.index.scan("packs"):
+            state = json.loads(value)
+            if state["state"] == MOVED:
+                pack_id = PACK_KEY.unpack(key)[0]
+                self.moved[pack_id] = state["tier"]
+                path = pack_path(self.root, pack_id)
+                if path.exists():
+                    path.unlink()
+                    fsync_dir(path.parent)
+        for stub in sorted(self.root.glob(f"*/*{STUB}")):
+            pack_id = int(stub.stem, 16)
+            if pack_id in self.moved:
+                continue
+            if stub.with_suffix(".pack").exists():
+                stub.unlink()
+                continue
+            info = json.loads(stub.read_bytes())
+            records = [Record(bytes.fromhex(d), *rest) for d, *rest in info["records"]]
+            report.packs_scanned += 1
+            self._index_recovered(pack_id, records, info["size"], sealed=True, report=report)
+            batch = self.index.batch()
+            batch.put("packs", PACK_KEY.pack(pack_id), json.dumps(
+                {"state": MOVED, "size": info["size"], "records": len(records), "tier": info["tier"]}).encode())
+            self.index.write(batch, sync=True)
+            self.moved[pack_id] = info["tier"]
 
     def _resume(self, pack_id: int, path: Path, protected_end: int, report: RecoveryReport) -> PackWriter:
         size_before = path.stat().st_size
@@ -284,11 +334,15 @@ class ChunkStore:
         """Copy a sealed pack's live records into the open pack, point the index at the copies, then
         delete the old pack. Crash-safe: copies are durable before the index moves, and the old file
         goes only after. Returns the bytes freed."""
+        if pack_id in self.moved:
+            return 0  # its bytes are in the cloud: rewriting it would download it (GC skips these)
         path = pack_path(self.root, pack_id)
         records = read_trailer(path)
         if records is None:
             raise Corrupt(f"pack {pack_id:016x} has no valid trailer; run `chunkyard repair --check`")
         with self._write_lock, ChunkReader(self) as reader:
+            if pack_id in self.moved:  # moved while the trailer was read
+                return 0
             current = self.index.locate_many([r.digest for r in records])
             moved: list[tuple[bytes, int, Record]] = []
             lost: list[Location] = []
@@ -348,13 +402,58 @@ class ChunkStore:
         path = pack_path(self.root, pack_id)
         size = path.stat().st_size if path.exists() else 0
         path.unlink(missing_ok=True)
+        path.with_suffix(STUB).unlink(missing_ok=True)
         fsync_dir(path.parent)
         batch = self.index.batch()
         batch.delete("packs", PACK_KEY.pack(pack_id))
         self.pack_count -= 1
         self._put_counters(batch)
         self.index.write(batch, sync=True)
+        self.moved.pop(pack_id, None)  # a dead moved pack: the tier deletes its cloud copy (tiering/sync.py)
         return size
+
+    def mark_moved(self, pack_id: int, tier: str) -> bool:
+        """Record that a sealed pack lives in `tier` from now on, then delete its local file. The caller has
+        verified the cloud copy. A stub (tier, size, the trailer's records) is written first, so a rebuilt
+        index still knows the pack; the index entry is durable before the unlink, and recovery finishes a
+        move cut short (`_finish_moves`). False when the pack is no longer a sealed local pack (GC
+        deleted or compacted it meanwhile)."""
+        key = PACK_KEY.pack(pack_id)
+        path = pack_path(self.root, pack_id)
+        with self._write_lock:
+            raw = self.index.get("packs", key)
+            state = json.loads(raw) if raw else None
+            records = read_trailer(path) if state is not None and state["state"] == "sealed" else None
+            if records is None:
+                return False
+            write_atomic(path.with_suffix(STUB), json.dumps({
+                "tier": tier, "size": state["size"],
+                "records": [[r.digest.hex(), r.offset, r.stored_len, r.raw_len, r.flags] for r in records]}).encode())
+            batch = self.index.batch()
+            batch.put("packs", key, json.dumps(state | {"state": MOVED, "tier": tier}).encode())
+            self.index.write(batch, sync=True)
+            self.moved[pack_id] = tier
+        crash_point("tier_move_marked")
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        return True
+
+    def check_remote(self) -> None:
+        """Unavailable when packs were moved to a cloud tier that cannot be reached now."""
+        pack_id = next(iter(self.moved.copy()), None)  # the mover may add one meanwhile
+        if pack_id is not None:
+            self._remote(pack_id).ping()
+
+    def read_remote(self, pack_id: int, offset: int, length: int, *, cache: bool = True) -> bytes:
+        """Bytes of a moved pack from its cloud tier."""
+        return self._remote(pack_id).read(pack_id, offset, length, cache=cache)
+
+    def _remote(self, pack_id: int) -> RemotePacks:
+        remote = self.remote
+        if remote is None:
+            raise Unavailable(f"pack {pack_id:016x} lives in cloud tier {self.moved.get(pack_id)!r}, which is not "
+                              "configured or not running: add its [[tier]] table back to the server configuration")
+        return remote
 
     def _put_state_now(self, writer: PackWriter) -> None:
         batch = self.index.batch()
@@ -429,17 +528,22 @@ class ChunkReader:
         return fd
 
     def read_stored(self, loc: Location) -> bytes:
-        """The stored (possibly compressed) bytes of a record, CRC-checked."""
-        try:
-            fd = self._fd(loc.pack_id)
-        except Corrupt:
-            moved = self._store.index.locate(loc.record.digest)  # compaction moved it since the lookup
-            if moved is None or moved.pack_id == loc.pack_id:
-                raise
-            loc = moved
-            fd = self._fd(loc.pack_id)
+        """The stored (possibly compressed) bytes of a record, CRC-checked; from the cloud tier when its pack
+        was moved there (the same checks apply, so a bad cloud copy is refused like a bad disk)."""
         rec = loc.record
-        buf = os.pread(fd, RECORD_HEADER.size + rec.stored_len, rec.offset)
+        length = RECORD_HEADER.size + rec.stored_len
+        if loc.pack_id in self._store.moved:
+            buf = self._store.read_remote(loc.pack_id, rec.offset, length)
+        else:
+            try:
+                buf = os.pread(self._fd(loc.pack_id), length, rec.offset)
+            except Corrupt:
+                if loc.pack_id in self._store.moved:  # moved to the cloud since the check above
+                    return self.read_stored(loc)
+                moved = self._store.index.locate(loc.record.digest)  # compaction moved it since the lookup
+                if moved is None or moved.pack_id == loc.pack_id:
+                    raise
+                return self.read_stored(moved)
         try:
             return parse_record(buf, rec)
         except PackFormatError as e:

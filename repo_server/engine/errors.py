@@ -37,3 +37,9 @@ class Corrupt(EngineError):
     """Stored data failed verification; the operation stops rather than serve wrong bytes."""
 
     code = "corrupt"
+
+
+class Unavailable(EngineError):
+    """Data lives in a cloud tier that cannot be reached now (move mode); retry later, nothing is lost."""
+
+    code = "tier_unavailable"

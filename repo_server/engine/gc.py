@@ -13,6 +13,8 @@
    copied during GC are walked for their tenant, and chunks touched during GC keep every possession.
 4. Compact: packs with no live bytes are deleted; sealed packs whose live fraction is under the
    threshold are rewritten into the open pack and deleted. Space comes back in the same run.
+   Packs moved to a cloud tier are never rewritten (that would download them); a dead one leaves the
+   index and the tier deletes its cloud copy, unless a retention lock holds it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from chunkyard.wire import ZERO
 
-from .chunk_store import PACK_KEY
+from .chunk_store import MOVED, PACK_KEY
 from .errors import Conflict
 from .faults import crash_point
 from .index import Location
@@ -270,12 +272,13 @@ class GarbageCollector:
         open_pack = chunks.open_pack_id()
         for done, (pack_id, state) in enumerate(packs, 1):
             self.progress("compact", done, len(packs))
-            if pack_id == open_pack or state["state"] != "sealed" or pack_id >= self.first_unscanned_pack:
+            moved = state["state"] == MOVED  # in a cloud tier: dropped when dead, never rewritten
+            if pack_id == open_pack or state["state"] not in ("sealed", MOVED) or pack_id >= self.first_unscanned_pack:
                 continue
             used = live.get(pack_id, 0)
             if used == 0:
                 self.stats.bytes_freed += chunks.delete_pack(pack_id)
                 self.stats.packs_deleted += 1
-            elif used < self.compact_below * state["size"]:
+            elif used < self.compact_below * state["size"] and not moved:
                 self.stats.bytes_freed += chunks.relocate(pack_id) - used
                 self.stats.packs_compacted += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,15 +135,22 @@ class PackWriter:
 def read_trailer(path: Path) -> list[Record] | None:
     """The records of a sealed pack, or None when the pack has no valid trailer."""
     with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end < FILE_HEADER.size + FOOTER.size:
-            return None
-        f.seek(end - FOOTER.size)
-        trailer_offset, crc, magic = FOOTER.unpack(f.read(FOOTER.size))
-        if magic != b"CYSE" or not FILE_HEADER.size <= trailer_offset < end - FOOTER.size:
-            return None
-        f.seek(trailer_offset)
-        body = f.read(end - FOOTER.size - trailer_offset)
+        def read(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+
+        return trailer_records(read, f.seek(0, os.SEEK_END))
+
+
+def trailer_records(read: Callable[[int, int], bytes], end: int) -> list[Record] | None:
+    """The records listed by a sealed pack's trailer, reading the pack through `read(offset, length)`
+    (a file, or the bytes of a pack held in a cloud tier); None without a valid trailer."""
+    if end < FILE_HEADER.size + FOOTER.size:
+        return None
+    trailer_offset, crc, magic = FOOTER.unpack(read(end - FOOTER.size, FOOTER.size))
+    if magic != b"CYSE" or not FILE_HEADER.size <= trailer_offset < end - FOOTER.size:
+        return None
+    body = read(trailer_offset, end - FOOTER.size - trailer_offset)
     if crc32c.crc32c(body) != crc:
         return None
     tag, count = TRAILER_HEAD.unpack_from(body)

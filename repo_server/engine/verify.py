@@ -21,12 +21,21 @@ from typing import TYPE_CHECKING
 
 from chunkyard.wire import ZERO
 
-from .chunk_store import PACK_KEY
+from .chunk_store import MOVED, PACK_KEY
 from .codec import CodecError
-from .errors import Corrupt, Invalid
+from .errors import Corrupt, Invalid, Unavailable
 from .index import Location
 from .manifest import split_page
-from .pack import RECORD_HEADER, PackFormatError, Record, pack_path, parse_record, read_trailer, scan_records
+from .pack import (
+    RECORD_HEADER,
+    PackFormatError,
+    Record,
+    pack_path,
+    parse_record,
+    read_trailer,
+    scan_records,
+    trailer_records,
+)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -44,6 +53,9 @@ class VerifyStats:
     damaged_chunks: list[str] = field(default_factory=list)
     points_checked: int = 0
     points_damaged: list[str] = field(default_factory=list)
+    packs_from_cloud: int = 0  # moved packs (tiering move mode), read back from their tier
+    packs_in_cloud_unchecked: int = 0  # moved packs skipped: their tier is not running (an offline check)
+    points_unchecked: int = 0  # offline check: points whose manifest pages only that tier holds
     seconds: float = 0.0
 
 
@@ -113,16 +125,29 @@ class Verifier:
             self.repo.chunks.forget([loc])
 
     def _verify_packs(self) -> None:
-        """Every live record of every pack, read sequentially."""
-        packs = [PACK_KEY.unpack(k)[0] for k, _ in self.index.scan("packs")]
-        for done, pack_id in enumerate(packs, 1):
+        """Every live record of every pack, read sequentially. A pack moved to a cloud tier is read from
+        there (one GET of the whole object, past the cache): the cloud copy is the only one left. Without
+        its tier running (`repair --check` works offline) it is skipped and counted as unchecked."""
+        packs = [(PACK_KEY.unpack(k)[0], json.loads(v)) for k, v in self.index.scan("packs")]
+        for done, (pack_id, state) in enumerate(packs, 1):
             self.progress("verify packs", done, len(packs))
-            path = pack_path(self.repo.chunks.root, pack_id)
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue  # compacted away since the listing
-            records = read_trailer(path)
+            if state["state"] == MOVED and self.repo.chunks.remote is None:
+                self.stats.packs_in_cloud_unchecked += 1
+                continue
+            if state["state"] == MOVED:
+                data = self.repo.chunks.read_remote(pack_id, 0, state["size"], cache=False)
+                self.stats.packs_from_cloud += 1
+                records = trailer_records(lambda offset, length, d=data: d[offset : offset + length], len(data))
+                if records is None:  # a damaged cloud trailer: check every record the index puts there
+                    located = (Location.decode(d, v) for d, v in self.index.scan("chunks"))
+                    records = [loc.record for loc in located if loc.pack_id == pack_id]
+            else:
+                path = pack_path(self.repo.chunks.root, pack_id)
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # compacted away since the listing
+                records = read_trailer(path)
             if records is None:  # the open pack: a scan skips damaged records, so look those up by header
                 records, _, damaged = scan_records(path)
                 records += [Record(RECORD_HEADER.unpack_from(data, off)[4], off, 0, 0, 0) for off in damaged
@@ -202,7 +227,13 @@ class Verifier:
         with self.repo.chunks.reader() as reader:
             for done, record in enumerate(points, 1):
                 self.progress("judge points", done, len(points))
-                damaged = self._count_missing(reader, record)
+                try:
+                    damaged = self._count_missing(reader, record)
+                except Unavailable:
+                    if not self.read_only:
+                        raise
+                    self.stats.points_unchecked += 1
+                    continue
                 if self.read_only:
                     if damaged:
                         self.stats.points_damaged.append(record["point_id"])
@@ -248,13 +279,15 @@ def check_repository(repo: Repository, progress: Progress | None = None) -> dict
     stats = verifier.run()
     root = repo.chunks.root
     on_disk = {int(p.stem, 16) for p in root.glob("*/*.pack")}
-    indexed = {PACK_KEY.unpack(k)[0] for k, _ in repo.index.scan("packs")}
+    indexed = {PACK_KEY.unpack(k)[0] for k, _ in repo.index.scan("packs")} - repo.chunks.moved.keys()
     return {
         "chunks_checked": stats.chunks_checked,
         "bytes_checked": stats.bytes_checked,
         "damaged_chunks": stats.damaged_chunks,
         "points_checked": stats.points_checked,
         "damaged_points": stats.points_damaged,
+        "packs_in_cloud_unchecked": stats.packs_in_cloud_unchecked,  # moved to a cloud tier; check them and
+        "points_unchecked": stats.points_unchecked,  # these points with a verify job of the running server
         "orphan_packs": sorted(f"{p:016x}" for p in on_disk - indexed),
         "missing_packs": sorted(f"{p:016x}" for p in indexed - on_disk),
         "healthy": not (stats.damaged_chunks or stats.points_damaged or on_disk ^ indexed),

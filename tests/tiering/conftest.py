@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +160,7 @@ def store(emulators: Emulators, kind: str) -> Iterator[CloudStore]:
 
 CHUNK = 256 << 10  # the smallest chunk size, and 1 MiB packs: several packs from a few MiB of disks
 FAST = Backoff(attempts=3, base=0.01, cap=0.05)
+FAST_READS = Backoff(attempts=8, base=0.01, cap=0.05)  # reads of moved packs under random faults
 
 
 @dataclass
@@ -170,9 +171,10 @@ class Live:
     repo: Repository
     client: Client
 
-    def worker(self, store: Store, kind: str = "s3", **settings: object) -> TierWorker:
+    def worker(self, store: Store, kind: str = "s3", *, clock: Callable[[], float] = time.time,
+               **settings: object) -> TierWorker:
         tier = TierConfig(name="t", kind=kind, bucket="-", **{"concurrency": 2} | settings)  # type: ignore[arg-type]
-        return TierWorker(self.repo, tier, store, backoff=FAST)
+        return TierWorker(self.repo, tier, store, backoff=FAST, clock=clock, read_backoff=FAST_READS)
 
 
 @pytest.fixture

@@ -27,7 +27,18 @@ def test_tiers_in_the_server_configuration(tmp_path: Path) -> None:
     ({"kind": "s3"}, "bucket is required"),
     ({"kind": "azure", "bucket": "b"}, "unknown setting bucket"),  # Azure calls it a container
     ({"kind": "s3", "bucket": "b", "imutable_days": 3}, "unknown setting imutable_days"),
-    ({"kind": "s3", "bucket": "b", "mode": "move"}, "move mode is not implemented"),
+    ({"kind": "s3", "bucket": "b", "mode": "archive"}, "mode must be one of copy, move"),
+    ({"kind": "s3", "bucket": "b", "mode": "move", "move_after_days": -1}, "move_after_days must be 0-36500"),
+    ({"kind": "s3", "bucket": "b", "move_after_days": 10**9}, "move_after_days must be 0-36500"),
+    ({"kind": "s3", "bucket": "b", "move_after_days": 1.5}, "move_after_days must be int"),
+    ({"kind": "s3", "bucket": "b", "move_after_days": "7"}, "move_after_days must be int"),
+    ({"kind": "s3", "bucket": "b", "cache_mib": -5}, "cache_mib"),
+    ({"kind": "s3", "bucket": "b", "cache_mib": 10**12}, "cache_mib"),
+    ({"kind": "s3", "bucket": "b", "cache_mib": True}, "cache_mib must be int"),
+    ({"kind": "s3", "bucket": "b", "mass_delete_fraction": 0}, "mass_delete_fraction must be in"),
+    ({"kind": "s3", "bucket": "b", "mass_delete_fraction": 1.5}, "mass_delete_fraction must be in"),
+    ({"kind": "s3", "bucket": "b", "mass_delete_fraction": "all"}, "mass_delete_fraction must be float"),
+    ({"kind": "s3", "bucket": "b", "mass_delete_min": -1}, "mass_delete_min"),
     ({"kind": "s3", "bucket": "b", "immutable_days": "30"}, "immutable_days must be int"),
     ({"kind": "s3", "bucket": "b", "path_style": 1}, "path_style must be bool"),
     ({"kind": "s3", "bucket": "b", "lock_mode": "strict"}, "lock_mode must be one of"),
@@ -37,6 +48,25 @@ def test_tiers_in_the_server_configuration(tmp_path: Path) -> None:
 def test_bad_tier_tables_are_refused(table: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_tiers([table])
+
+
+def test_move_mode_settings(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('[[tier]]\nkind = "s3"\nbucket = "cold"\nmode = "move"\nmove_after_days = 14\ncache_mib = 64\n'
+                    "mass_delete_fraction = 0.5\nmass_delete_min = 3\n")
+    (tier,) = parse_tiers(load_config(path).tiers)
+    assert (tier.mode, tier.move_after_days, tier.cache_mib) == ("move", 14, 64)
+    assert (tier.mass_delete_fraction, tier.mass_delete_min) == (0.5, 3)
+    default = parse_tiers([{"kind": "azure", "container": "c", "mode": "move"}])[0]
+    assert (default.move_after_days, default.cache_mib, default.mass_delete_fraction) == (30, 256, 0.2)
+
+
+def test_one_move_tier_at_most() -> None:
+    with pytest.raises(ConfigError, match="only one"):
+        parse_tiers([{"kind": "s3", "bucket": "a", "mode": "move"},
+                     {"kind": "azure", "container": "b", "mode": "move"}])
+    copy, move = parse_tiers([{"kind": "s3", "bucket": "a"}, {"kind": "azure", "container": "b", "mode": "move"}])
+    assert (copy.mode, move.mode) == ("copy", "move")
 
 
 def test_tier_names_are_unique() -> None:

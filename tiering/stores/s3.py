@@ -49,7 +49,8 @@ class S3Store(CloudStore):
         self.lock_mode = lock_mode.upper()
         self.part_size = part_size
         config = Config(region_name=region, s3={"addressing_style": "path" if path_style else "auto"},
-                        retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=120)
+                        retries={"mode": "standard", "max_attempts": 3}, connect_timeout=10, read_timeout=120,
+                        max_pool_connections=32)  # uploads, plus the parallel reads of move mode
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
     # ---------------------------------------------------------------- errors
