@@ -78,6 +78,7 @@ class ServerConfig:
     fleet_poll_seconds: float = 30.0  # how long a pull collector's work request waits (its long-poll)
     fleet_silent_seconds: float = 300.0  # running work whose collector is silent this long fails (and retries)
     fleet_tick_seconds: float = 1.0  # how often the scheduler looks for due jobs, retries and silence
+    audit_refusal_window_seconds: float = 60.0  # refused logins on admin routes: one audit record per source per window
     notify: NotifyConfig = NotifyConfig()
 
     @property

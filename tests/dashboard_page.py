@@ -64,6 +64,10 @@ class DashboardPage:
         error.wait_for()  # forbids the eval that a JavaScript predicate needs
         return error.inner_text()
 
+    def identity(self) -> str:
+        """The role and tenant shown next to "Log out"."""
+        return self.page.locator("#whoami").inner_text()
+
     def logged_in(self) -> bool:
         return self.page.locator("#logout").is_visible()
 
@@ -132,6 +136,13 @@ class DashboardPage:
 
     def collector_rows(self) -> list[dict[str, str]]:
         return self._rows("#collectors", "collector")
+
+    def can_run_now(self, name: str) -> bool:
+        """Does the jobs list offer "Run now" for the job? (Only admin tokens get the button.)"""
+        self.go("jobs")
+        row = self.page.locator(f"#jobs tbody tr[data-job='{name}']")
+        row.wait_for()
+        return row.locator("button.run-now").count() == 1
 
     def start_job(self, name: str) -> str:
         """Click the job's "Run now"; returns the run id the dashboard then follows live."""

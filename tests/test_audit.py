@@ -3,15 +3,19 @@ outcome), readable at GET /audit (a tenant-scoped admin: its tenant's records on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from chunkyard.config import ConfigError, load_config
 from chunkyard.wire import ApiError, Client
-from repo_server.engine.audit import AuditLog
+from repo_server.engine.audit import MANY, AuditLog, RefusalThrottle
 from tests.conftest import ROOT, ServerProcess
 from tests.helpers import backup, make_disk
 
@@ -159,3 +163,125 @@ def test_offline_commands_are_audited(tmp_path: Path):
                                                            ("repair", "rebuild-index")]
     assert all(r["who"]["token_id"] is None and r["who"]["name"].startswith("local user") for r in lines)
     assert lines[2]["details"]["tokens_kept"] >= 1
+
+
+async def test_bad_input_to_the_maintenance_starters_is_recorded_as_refused(server: ServerProcess, admin: Client):
+    bad = [("/admin/gc", b'{"compact_below": 5}', 422), ("/admin/gc", b'{"compact_below": "0.5"}', 422),
+           ("/admin/gc", b"[1, 2]", 422), ("/admin/gc", b"\xff\xfe garbage", 400),
+           ("/admin/verify", b'{"mode": "everything"}', 422), ("/admin/verify", b'{"percent": 1e308}', 422),
+           ("/admin/verify", b'"all"', 422), ("/admin/prune", b'{"dry_run": "no"}', 422),
+           ("/admin/prune", b'{"vm": "' + b"x" * 5000 + b'"}', 422),
+           ("/admin/prune", b'{"vm": ' + b"7" * 5000 + b"}", 400), ("/admin/prune", b'{"unknown": 1}', 422),
+           ("/admin/gc", b"{" * 2_000_000, 413)]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.admin_token}"}) as http:
+        for path, body, status in bad:
+            async with http.post(server.url + "/api/v1" + path, data=body) as r:
+                assert r.status == status, (path, body[:40], await r.text())
+    got = records(server)
+    assert len(got) == len(bad)  # one record each, nothing started
+    for record, (path, _, status) in zip(got, bad, strict=True):
+        assert record["action"] == path.rsplit("/", 1)[1] and record["outcome"] == "refused", record
+        assert record["details"].get("status", 422) == status and record["details"]["message"]  # Invalid: 422
+    assert (await admin.json("GET", "/jobs"))["jobs"] == []  # and no job started
+
+
+def test_refusal_throttle_windows_and_bounds():
+    t = RefusalThrottle(window=60, max_keys=2)
+    a, b = ("10.0.0.1", "unauthorized", None), ("10.0.0.2", "unauthorized", None)
+    assert t.add(a, {"n": 1}, 0) == {"n": 1, "count": 1, "since": 0}  # a quiet key: recorded at once
+    assert t.add(a, {"n": 2}, 10) is None and t.add(a, {"n": 3}, 20) is None  # then only counted
+    assert t.due(59.9) == []
+    assert t.due(60) == [{"n": 3, "count": 2, "since": 10}]  # the summary, when the window has passed
+    assert t.add(a, {"n": 4}, 70) is None  # the summary opened a new window: still one record per window
+    assert t.due(130) == [{"n": 4, "count": 1, "since": 70}]
+    assert t.due(200) == []  # a window with nothing: the key is forgotten
+    assert t.add(a, {"n": 5}, 201) == {"n": 5, "count": 1, "since": 201}
+    assert t.add(a, {"n": 6}, 205) is None
+    # The next refusal after the window carries the counted ones when no due() ran in between.
+    assert t.add(a, {"n": 7}, 300) == {"n": 7, "count": 2, "since": 205}
+    assert t.add(b, {"n": 8}, 300)["count"] == 1
+    flood = [t.add((f"10.1.0.{i}", "unauthorized", None), {"source": f"10.1.0.{i}"}, 301) for i in range(500)]
+    assert flood[0] == {"source": MANY[0], "count": 1, "since": 301}  # beyond max_keys: one shared key
+    assert flood[1:] == [None] * 499
+    assert t.due(361) == [{"source": MANY[0], "count": 499, "since": 301}]
+
+
+AUDIT_WINDOW = 3.0
+
+
+async def test_refused_tokens_on_admin_routes_are_recorded_throttled_and_never_the_secret(tmp_path: Path):
+    config = tmp_path / "server.toml"
+    config.write_text(f"[server]\naudit_refusal_window_seconds = {AUDIT_WINDOW}\n")
+    server = ServerProcess(tmp_path / "data", config=config)
+    server.start()
+    try:
+        async with server.client() as admin:
+            old = await admin.create_token("admin", "old acme admin", tenant="acme", expires_in=1)
+        await asyncio.sleep(1.2)
+        unknown = "cy_" + "A" * 43
+        sent = {"unauthorized": 0, "token_expired": 0}
+        started = time.time()
+        async with aiohttp.ClientSession() as http:
+            async def attempt(method: str, path: str, header: str | None) -> int:
+                headers = {} if header is None else {"Authorization": header}
+                async with http.request(method, server.url + "/api/v1" + path, headers=headers) as r:
+                    return r.status
+
+            for i in range(60):  # a scanner: admin routes, bad and missing tokens
+                method, path = [("POST", "/admin/gc"), ("GET", "/tokens"), ("GET", "/audit"),
+                                ("DELETE", "/tokens/0123456789abcdef"), ("POST", "/backup-jobs")][i % 5]
+                header = [f"Bearer {unknown}", None, "Basic YWRtaW46YWRtaW4=", "Bearer \u00ff garbage"][i % 4]
+                assert await attempt(method, path, header) == 401
+                sent["unauthorized"] += 1
+            for _ in range(10):
+                assert await attempt("POST", "/admin/gc", f"Bearer {old['token']}") == 401
+                sent["token_expired"] += 1
+            for path in ("/vms", "/repository", "/collectors"):  # not administrative: no record
+                assert await attempt("GET", path, f"Bearer {unknown}") == 401
+        assert time.time() - started < AUDIT_WINDOW  # all within one window (else the counts split)
+
+        def refusals() -> list[dict]:
+            return [r for r in records(server) if r["action"] == "auth.refused"]
+
+        first = refusals()
+        assert len(first) == 2  # one per source, reason and token; the rest only counted
+        by_error = {r["details"]["error"]: r for r in first}
+        anon, expired = by_error["unauthorized"], by_error["token_expired"]
+        assert anon["who"] == {"token_id": None, "name": "anonymous", "tenant": ""}
+        assert anon["outcome"] == "refused" and anon["target"] == "POST /api/v1/admin/gc"
+        assert anon["details"]["source"] == "127.0.0.1" and anon["details"]["count"] == 1
+        assert expired["who"] == {"token_id": old["id"], "name": "old acme admin", "tenant": "acme"}
+        assert expired["tenant"] == "acme"  # on the tenant's own record too
+
+        deadline = time.monotonic() + AUDIT_WINDOW + 15
+        while sum(r["details"]["count"] for r in refusals()) < sum(sent.values()):
+            assert time.monotonic() < deadline, refusals()
+            await asyncio.sleep(0.2)
+        summaries = refusals()[2:]
+        assert len(summaries) == 2 and all(r["details"]["count"] > 1 for r in summaries)
+        totals = {e: sum(r["details"]["count"] for r in refusals() if r["details"]["error"] == e) for e in sent}
+        assert totals == sent
+
+        # The next flood is held for the window's summary, and a shutdown writes what is still counted.
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {unknown}"}) as http:
+            for _ in range(5):
+                async with http.get(server.url + "/api/v1/tokens") as r:
+                    assert r.status == 401
+        held = len(refusals())
+        server.stop()
+        assert len(refusals()) in (held, held + 1)
+        assert sum(r["details"]["count"] for r in refusals()) == sum(sent.values()) + 5
+        text = (server.data / "audit.log").read_text()
+        assert unknown not in text and old["token"] not in text and "YWRtaW46YWRtaW4" not in text
+    finally:
+        server.stop()
+
+
+def test_refusal_window_setting_is_checked(tmp_path: Path):
+    for bad in ('"60"', "-1", "0", "true", "[60]"):
+        config = tmp_path / "bad.toml"
+        config.write_text(f"[server]\naudit_refusal_window_seconds = {bad}\n")
+        with pytest.raises(ConfigError, match="audit_refusal_window_seconds"):
+            load_config(config)
+    config.write_text("[server]\naudit_refusal_window_seconds = 5\n")
+    assert load_config(config).audit_refusal_window_seconds == 5

@@ -1,7 +1,7 @@
 """The web dashboard end to end in Debian's headless chromium: a real server, a VM backed up by the real
 CLI, then login (a bad token refused), the fleet overview, a point's raw and VHDX downloads checked
-bit-exact against the disk, the repository panel, the jobs and collectors panels without the fleet API,
-logout and a revoked token."""
+bit-exact against the disk, the repository panel, the jobs and collectors panels, the token's role and
+tenant (a reader gets no "Run now"), logout and a revoked token."""
 
 from __future__ import annotations
 
@@ -90,9 +90,17 @@ def test_dashboard_login_fleet_download_repository(tmp_path: Path, server: Serve
         assert "No cloud tiers configured" in ui.tiers_text()
         assert ui.banner() is None  # encrypted: no warning
 
-        assert "No jobs configured" in ui.jobs_text()  # this server has no backup-jobs API: no breakage
+        assert "No jobs configured" in ui.jobs_text()
         assert "No collectors registered" in ui.collectors_text()
+        assert ui.identity() == "reader · all tenants"
+        call(server, "POST", "/backup-jobs", {"name": "nightly", "collector": "hv", "schedule": "yearly"})
+        assert not ui.can_run_now("nightly")  # a reader sees the job but no admin-only action
 
+        ui.logout()
+        assert not ui.page.locator("#whoami").is_visible()
+        ui.login(server.admin_token)
+        assert ui.identity() == "admin · all tenants"
+        assert ui.can_run_now("nightly")
         ui.logout()
         assert ui.page.evaluate("sessionStorage.getItem('chunkyard.token')") is None
         ui.page.reload()

@@ -12,7 +12,7 @@ from chunkyard import __version__
 from tiering.sync import TierSync
 
 from .audit import audited, note
-from .common import METRICS, REPO, ApiError, operator_only, public, read_json, roles, run, scope
+from .common import METRICS, REPO, ApiError, operator_only, public, read_json, roles, run, scope, token_of
 from .openapi import openapi_document
 
 TIERS = web.AppKey("tiers", TierSync)  # the cloud tiers' uploaders, started with the app (app.py)
@@ -70,6 +70,14 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response(info.public() | {"token": token}, status=201)
 
 
+@roles("admin", "reader", "collector")
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's own token (never its secret), so a client can adapt to its role and tenant."""
+    info = token_of(request)
+    return web.json_response({"id": info.id, "name": info.name, "role": info.role, "tenant": info.tenant,
+                              "expires": info.expires})
+
+
 @roles("admin")
 async def list_tokens(request: web.Request) -> web.Response:
     tokens = await run(request, request.app[REPO].tokens.list, scope(request))
@@ -122,6 +130,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/metrics", metrics)
     r.add_post("/api/v1/tokens", create_token)
     r.add_get("/api/v1/tokens", list_tokens)
+    r.add_get("/api/v1/whoami", whoami)
     r.add_delete("/api/v1/tokens/{token_id}", revoke_token)
     r.add_get("/api/v1/tiers", tiers)
     r.add_post("/api/v1/tiers/sync", sync_tiers)

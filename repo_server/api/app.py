@@ -21,7 +21,7 @@ from tiering.sync import TierSync
 from . import admin, catalog, dashboard, fleet, jobs, retention, sessions
 from .admin import TIERS
 from .audit import add_routes as add_audit_routes
-from .audit import audit
+from .audit import administrative, audit, refused_auth
 from .common import CONFIG, METRICS, POOL, REPO, STREAMING, TOKEN, ApiError
 from .metrics import Metrics, register_metric_source, repository_families
 from .signed import SIGNER, UrlSigner, load_secret
@@ -45,6 +45,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
     status = 500
     began = time.perf_counter()
     entered = False  # whether the handler ran (an @audited handler records its own failures)
+    expired = None  # the token of a 401 token_expired (its id, name and tenant go on record)
     try:
         allowed = getattr(handler, "allowed_roles", None)
         if allowed is not None:
@@ -58,6 +59,7 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
                 raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
                                headers={"WWW-Authenticate": 'Bearer realm="chunkyard"'})
             if info.expired():  # only the token's holder can learn this: it had to send the secret
+                expired = info
                 raise ApiError(401, "token_expired", f"this token ({info.id}) expired at "
                                f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(info.expires))}; "
                                "ask an admin for a new one", headers={"WWW-Authenticate": 'Bearer realm="chunkyard", '
@@ -77,6 +79,8 @@ async def errors_and_auth(request: web.Request, handler) -> web.StreamResponse:
         if status == 403 and not entered and getattr(handler, "audit_action", None):
             await audit(request, handler.audit_action, request.path, outcome="denied",
                         **json.loads(e.text or "{}"))
+        if status == 401 and not entered and administrative(handler):
+            await refused_auth(request, json.loads(e.text or "{}").get("error", "unauthorized"), expired)
         raise
     except EngineError as e:
         status = next((s for cls, s in STATUS.items() if isinstance(e, cls)), 500)

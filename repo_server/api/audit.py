@@ -2,28 +2,35 @@
 
 Two ways in, for handlers of any branch:
 - `await audit(request, action, target, **details)` writes one record now (who = the request's token);
-- `@audited(action, target_of)` on a handler writes one record per call: "ok" when it answers, "failed"
-  with the error when it raises; the handler may add details with `note(request, **details)`.
+- `@audited(action, target_of)` on a handler writes one record per call: "ok" when it answers, "refused"
+  when it rejects its input (400, 413, 422: nothing was done), "failed" with the error when it raises
+  otherwise; the handler may add details with `note(request, **details)`.
 Maintenance jobs run after their request answered: `audited_job` records how they ended.
+Refused authentication on administrative routes is recorded too (`refused_auth`, called by the auth
+middleware), throttled per source so that a flood of bad tokens cannot fill the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
-from repo_server.engine import EngineError
-from repo_server.engine.audit import AUDIT_FILE, MAX_LIMIT, AuditLog
+from repo_server.engine import EngineError, Invalid
+from repo_server.engine.audit import AUDIT_FILE, MAX_LIMIT, AuditLog, RefusalThrottle
 from repo_server.engine.tokens import TokenInfo
 
-from .common import REPO, TOKEN, ApiError, Handler, roles, run
+from .common import CONFIG, POOL, REPO, TOKEN, ApiError, Handler, roles, run
 
 AUDIT = web.AppKey("audit", AuditLog)
+REFUSALS = web.AppKey("audit_refusals", RefusalThrottle)
 NOTES = web.RequestKey("audit_notes", dict)
 RECORDED = web.RequestKey("audit_recorded", threading.Event)  # set once the request's record is written
 
@@ -61,6 +68,12 @@ def _error_of(e: BaseException) -> dict:
     return {"error": type(e).__name__}
 
 
+def _outcome_of(e: BaseException) -> str:
+    """"refused" for bad input (the action never started), "failed" for everything else."""
+    refused = isinstance(e, Invalid) or (isinstance(e, web.HTTPException) and e.status in (400, 413, 422))
+    return "refused" if refused else "failed"
+
+
 def audited(action: str, target_of: Callable[[web.Request], str | None] = lambda r: None
             ) -> Callable[[Handler], Handler]:
     """Record every call of the handler: outcome "ok" (or the handler's noted outcome) or "failed"."""
@@ -75,7 +88,7 @@ def audited(action: str, target_of: Callable[[web.Request], str | None] = lambda
                 except Exception as e:
                     notes = request.get(NOTES, {})
                     await audit(request, action, notes.pop("target", target_of(request)),
-                                tenant=notes.pop("tenant", None), outcome="failed", **notes, **_error_of(e))
+                                tenant=notes.pop("tenant", None), outcome=_outcome_of(e), **notes, **_error_of(e))
                     raise
                 notes = request.get(NOTES, {})
                 await audit(request, action, notes.pop("target", target_of(request)),
@@ -114,6 +127,51 @@ def audited_job(request: web.Request, action: str, target: str | None, work: Cal
     return run_and_record
 
 
+def administrative(handler: Handler) -> bool:
+    """Admin-only routes and audited actions: a refused token there is worth a record."""
+    return tuple(getattr(handler, "allowed_roles", None) or ()) == ("admin",) or \
+        getattr(handler, "audit_action", None) is not None
+
+
+def _write_refusal(log: AuditLog, summary: dict) -> None:
+    details = dict(summary)
+    caller, target = details.pop("who"), details.pop("target")
+    log.append(caller, "auth.refused", target, tenant=caller["tenant"], outcome="refused", **details)
+
+
+async def refused_auth(request: web.Request, error: str, token: TokenInfo | None) -> None:
+    """Record a 401 on an administrative route: who (an expired token's id, name and tenant; else
+    anonymous; never what was sent), the route, the reason and the source address, with `count`
+    refusals per record (one record per source, reason and token per window)."""
+    source = request.remote or "unknown"
+    details = {"who": who(token), "target": f"{request.method} {request.path}"[:300], "error": error,
+               "source": source}
+    summary = request.app[REFUSALS].add((source, error, token.id if token else None), details, time.time())
+    if summary is not None:
+        await run(request, _write_refusal, request.app[AUDIT], summary)
+
+
+async def flush_refusals(app: web.Application) -> AsyncIterator[None]:
+    """Write the counted refusals' summaries as their windows pass, and the rest at shutdown."""
+    throttle, loop = app[REFUSALS], asyncio.get_running_loop()
+
+    async def write(summaries: list[dict]) -> None:
+        for summary in summaries:
+            await loop.run_in_executor(app[POOL], _write_refusal, app[AUDIT], summary)
+
+    async def every_window() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, throttle.window / 2))
+            await write(throttle.due(time.time()))
+
+    task = asyncio.create_task(every_window())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await write(throttle.due(time.time() + throttle.window))
+
+
 @roles("admin")
 async def get_audit(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "100")
@@ -128,4 +186,6 @@ def add_routes(app: web.Application) -> None:
         app[AUDIT] = AuditLog(app[REPO].data / AUDIT_FILE)
 
     app.on_startup.append(open_log)
+    app[REFUSALS] = RefusalThrottle(app[CONFIG].audit_refusal_window_seconds)
+    app.cleanup_ctx.append(flush_refusals)  # after the repository's lifecycle: cleaned up before the pool stops
     app.router.add_get("/api/v1/audit", get_audit)

@@ -65,7 +65,7 @@ async def take_work(request: web.Request) -> web.Response:
 @roles("admin", "collector")
 async def post_progress(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return web.json_response(request.app[FLEET].progress(scope(request), request.match_info["work_id"], body))
+    return web.json_response(await request.app[FLEET].progress(scope(request), request.match_info["work_id"], body))
 
 
 @roles("admin", "collector")

@@ -36,6 +36,8 @@ OPERATIONS: dict[str, dict[str, tuple[str, list[str] | None, Any, int, Any]]] = 
         "get": ("List tokens (ids, roles, names, tenants, expiry; never the secrets); a tenant-scoped admin sees "
                 "its tenant's only", ["admin"], None, 200, JSON_OBJ),
     },
+    "/whoami": {"get": ("The caller's own token: {id, name, role, tenant, expires} (never the secret); any valid "
+                        "token", ["admin", "reader", "collector"], None, 200, JSON_OBJ)},
     "/tokens/{token_id}": {"delete": ("Revoke a token (a tenant-scoped admin: of its own tenant only)", ["admin"],
                                       None, 204, None)},
     "/sessions": {"post": ("Open a backup session for one VM; copies the base point's manifests. A VM id belongs to "

@@ -3,7 +3,7 @@
 Each record is written with O_APPEND and fsynced before the action's answer, so an acknowledged action
 is on record after a crash. A torn last line (a crash mid-write) is skipped when reading. Record fields:
 time (unix), who {token_id, name, tenant}, action, target, tenant (whose object it concerns),
-outcome ("ok", "started", "failed", "denied"), and action-specific details.
+outcome ("ok", "started", "failed", "denied", "refused"), and action-specific details.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 AUDIT_FILE = "audit.log"
 READ_BLOCK = 64 << 10
 MAX_LIMIT = 10000
+MANY = ("(many sources)",)  # the key of refusals beyond RefusalThrottle.max_keys distinct ones
 
 
 class AuditLog:
@@ -80,6 +81,45 @@ class AuditLog:
                 yield rest
         finally:
             f.close()
+
+
+class RefusalThrottle:
+    """Collapses repeated identical refusals (e.g. one source's failed logins) so a flood cannot fill the
+    disk: per key, at most one record per window. The first refusal of a quiet key is recorded at once; the
+    rest are counted, and their summary (the last one's details, `count`, `since`) is recorded when the window
+    has passed, by the key's next refusal or by `due()`. Memory is bounded: beyond max_keys keys, refusals
+    share one key (MANY). Not thread-safe: one owner (the server's event loop) calls it."""
+
+    def __init__(self, window: float = 60.0, max_keys: int = 1000):
+        self.window, self.max_keys = window, max_keys
+        self._keys: dict[tuple, dict] = {}  # key -> {"start": window start, "count", "since", "last"}
+
+    def add(self, key: tuple, details: dict, now: float) -> dict | None:
+        """Details (with count and since) to record now, or None when this refusal is only counted."""
+        if key not in self._keys and len(self._keys) >= self.max_keys:
+            key, details = MANY, details | {"source": MANY[0]}
+        entry = self._keys.get(key)
+        if entry is not None and now - entry["start"] < self.window:
+            entry["since"] = entry["since"] if entry["count"] else now
+            entry["count"] += 1
+            entry["last"] = details
+            return None
+        held = entry["count"] if entry else 0
+        self._keys[key] = {"start": now, "count": 0, "since": now, "last": details}
+        return details | {"count": held + 1, "since": entry["since"] if held else now}
+
+    def due(self, now: float) -> list[dict]:
+        """Summaries of the counted refusals whose window has passed; keys quiet for a window are forgotten."""
+        out = []
+        for key, entry in list(self._keys.items()):
+            if now - entry["start"] < self.window:
+                continue
+            if entry["count"]:
+                out.append(entry["last"] | {"count": entry["count"], "since": entry["since"]})
+                self._keys[key] = {"start": now, "count": 0, "since": now, "last": entry["last"]}
+            else:
+                del self._keys[key]
+        return out
 
 
 def local_who() -> dict:

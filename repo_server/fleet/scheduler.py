@@ -4,8 +4,11 @@ All state lives on the event loop (no locks): handlers and the scheduler task mu
 and every change that matters after a crash is written (fleet/store.py) on a single I/O thread, in order.
 A run holds one work item per VM selected from its collector's registered inventory; a collector's
 long-poll takes the next queued item of its runs, honouring each job's max_per_host. A failed attempt
-is retried after retry_delay_s while attempts remain; work whose collector went silent, or that was
-running when the server stopped, counts as a failed attempt.
+is retried after retry_delay_s while attempts remain; work whose collector went silent counts as a
+failed attempt. Work that was running when the server stopped is "interrupted": the collector may still
+finish it and post its result, so it becomes a failed attempt only when fleet_silent_seconds pass after the
+restart with no word from the collector. An ok result with a committed point is never wasted while its run
+is active: the first success of a VM wins, even from an attempt a retry already superseded.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .store import FleetStore
 log = logging.getLogger("chunkyard.fleet")
 KEEP_RUNS = 100  # finished runs kept per job
 ACTIVE = ("queued", "running")
+LIVE = ("running", "interrupted")  # a VM whose current attempt may still report
 COUNTERS = ("bytes_read", "bytes_changed", "bytes_new", "bytes_sent")
 PHASE_MAX = 64
 MAX_ERROR = 4000
@@ -107,7 +111,8 @@ def _vm_entry(host: str, vm: dict) -> dict:
 def totals(run: dict) -> dict:
     vms = run["vms"]
     states = Counter(v["state"] for v in vms)
-    return {"vms": len(vms), **{s: states.get(s, 0) for s in ("queued", "running", "retrying", "succeeded", "failed")},
+    return {"vms": len(vms), **{s: states.get(s, 0) for s in ("queued", "running", "interrupted", "retrying",
+                                                               "succeeded", "failed")},
             **{k: sum(v[k] for v in vms) for k in COUNTERS}, "duration_s": sum(v["duration_s"] for v in vms)}
 
 
@@ -150,7 +155,8 @@ class Fleet:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, now: float | None = None) -> None:
-        """Load the state, fail the work the last process left running, and apply missed-run policies."""
+        """Load the state, mark the work the last process left running as interrupted (its collector gets
+        fleet_silent_seconds to report it), and apply missed-run policies."""
         loop = asyncio.get_running_loop()
         jobs = await loop.run_in_executor(self._io, self.store.load, "jobs", [])
         collectors = await loop.run_in_executor(self._io, self.store.load, "collectors", [])
@@ -163,9 +169,8 @@ class Fleet:
         now = time.time() if now is None else now
         for run in self.active_runs():
             for vm in run["vms"]:
-                if vm["state"] == "running":
-                    self._attempt_failed(run, vm, "interrupted: the server stopped while this VM was being "
-                                                  "backed up", now)
+                if vm["state"] in LIVE:
+                    vm |= {"state": "interrupted", "progress": None, "last_contact": now}
             await self._settle(run, now)
         for job in list(self.jobs.values()):
             occurrence = self._catch_up(job, now)
@@ -219,9 +224,12 @@ class Fleet:
         for run in self.active_runs():
             touched = False
             for vm in run["vms"]:
-                if vm["state"] == "running" and now - vm["last_contact"] > self.silent_seconds:
+                if vm["state"] in LIVE and now - vm["last_contact"] > self.silent_seconds:
                     self._attempt_failed(run, vm, f"the collector went silent: no progress for "
-                                                  f"{now - vm['last_contact']:.0f} s", now)
+                                                  f"{now - vm['last_contact']:.0f} s" if vm["state"] == "running"
+                                         else f"interrupted: the server stopped while this VM was being backed up "
+                                              f"and no result came within {self.silent_seconds:g} s of its restart",
+                                         now)
                     touched = True
                 elif vm["state"] == "retrying" and vm["retry_at"] <= now:
                     self._wake_collector(run)
@@ -324,7 +332,7 @@ class Fleet:
         for run in self.active_runs():
             if (run["tenant"], run["collector"]) != key:
                 continue
-            busy = Counter(v["host"] for v in run["vms"] if v["state"] == "running")
+            busy = Counter(v["host"] for v in run["vms"] if v["state"] in LIVE)
             for index, vm in enumerate(run["vms"]):
                 ready = vm["state"] == "queued" or (vm["state"] == "retrying" and vm["retry_at"] <= now)
                 if not ready or busy[vm["host"]] >= run["settings"]["max_per_host"]:
@@ -344,8 +352,8 @@ class Fleet:
 
     # ------------------------------------------------------------------ work progress and results
 
-    def _work(self, scope: str, work_id: str) -> tuple[dict, dict, bool]:
-        """(run, VM entry, current): current is False for a superseded attempt or a finished VM."""
+    def _work(self, scope: str, work_id: str) -> tuple[dict, dict]:
+        """The run and VM entry of a work item that was handed out (NotFound otherwise)."""
         run_id, _, rest = work_id.rpartition(".")
         run_id, _, index = run_id.rpartition(".")
         run = self.runs.get(run_id)
@@ -355,22 +363,38 @@ class Fleet:
         vm = run["vms"][int(index)]
         if f"{run_id}.{int(index)}.{int(rest)}" != work_id or not 0 < int(rest) <= vm["attempt"]:
             raise NotFound(f"no work item {work_id[:80]!r}", "work_not_found")  # never handed out
-        return run, vm, vm["work_id"] == work_id and vm["state"] == "running"
+        return run, vm
 
-    def progress(self, scope: str, work_id: str, body: object) -> dict:
+    @staticmethod
+    def _current(vm: dict, work_id: str) -> bool:
+        """Is work_id the VM's attempt in flight (not superseded, not finished)?"""
+        return vm["work_id"] == work_id and vm["state"] in LIVE
+
+    @staticmethod
+    def _late(run: dict, vm: dict) -> bool:
+        """May a success of a superseded attempt still count? While the run is active and the VM has none."""
+        return run["state"] in ACTIVE and vm["state"] != "succeeded"
+
+    async def progress(self, scope: str, work_id: str, body: object) -> dict:
         if not isinstance(body, dict) or not isinstance(body.get("phase"), str) or len(body["phase"]) > PHASE_MAX:
             raise _bad('the body must be {"phase": "...", "done_bytes", "total_bytes", "rate_bytes_per_s"}')
         progress = {"phase": body["phase"], "done_bytes": _count(body, "done_bytes"),
                     "total_bytes": _count(body, "total_bytes", optional=True),
                     "rate_bytes_per_s": _count(body, "rate_bytes_per_s", integer=False)}
-        _, vm, current = self._work(scope, work_id)
-        if not current:
+        run, vm = self._work(scope, work_id)
+        if not self._current(vm, work_id):
             return {"cancel": True}
         vm["progress"], vm["last_contact"] = progress, time.time()
+        if vm["state"] == "interrupted":  # the collector kept working through the restart: live again
+            log.info("work %s: the collector is still on it after the server restart", work_id)
+            vm["state"] = "running"
+            await self._save_run(run)
         return {"cancel": False}
 
     async def result(self, scope: str, work_id: str, body: object) -> None:
-        """Record a work item's outcome; a repeated or superseded result changes nothing."""
+        """Record a work item's outcome. A repeated result changes nothing, nor does a superseded attempt's
+        failure; a superseded attempt's success counts while the VM has none (the retry is then cancelled
+        through its progress answer)."""
         shape = ('the body must be {"ok": bool, "point_id", "consistency", "bytes_read", "bytes_changed", '
                  '"bytes_new", "bytes_sent", "duration_s", "error"}')
         if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
@@ -384,21 +408,29 @@ class Fleet:
             fields[key] = value[:MAX_ERROR] if isinstance(value, str) else None
         if body["ok"] and not fields["point_id"]:
             raise _bad("a successful result names the restore point it created (point_id)")
-        run, vm, current = self._work(scope, work_id)
-        if current and body["ok"] and self.point_of is not None:
+        run, vm = self._work(scope, work_id)
+
+        def counts() -> bool:
+            return self._current(vm, work_id) or (body["ok"] and self._late(run, vm))
+
+        if counts() and body["ok"] and self.point_of is not None:
             point = await self.point_of(fields["point_id"])
-            if point is None or point["vm"]["id"] != vm["vm"]["id"]:
-                raise Invalid(f"point_id {fields['point_id'][:80]!r} is not a restore point of VM {vm['vm']['id']!r}: "
-                              "report ok only after the session's commit", "bad_point")
+            late = not self._current(vm, work_id)
+            if point is None or point["vm"]["id"] != vm["vm"]["id"] or (late and point["created"] < run["started"]):
+                raise Invalid(f"point_id {fields['point_id'][:80]!r} is not a restore point of VM {vm['vm']['id']!r}"
+                              f"{' made during this run' if late else ''}: report ok only after the session's "
+                              "commit", "bad_point")
             fields["consistency"] = fields["consistency"] or point.get("consistency")
-            current = vm["work_id"] == work_id and vm["state"] == "running"  # a duplicate may have won meanwhile
-        if not current:
+        if not counts():  # (re-checked: a duplicate may have won while the point was looked up)
             return
         now = time.time()
+        if not self._current(vm, work_id):
+            log.info("work %s: a late success of a superseded attempt ends VM %s's backup (attempt %d, %s, is "
+                     "dropped)", work_id, vm["vm"]["id"], vm["attempt"], vm["state"])
         vm |= fields
         vm["last_contact"] = now
         if body["ok"]:
-            vm |= {"state": "succeeded", "finished": now, "error": None}
+            vm |= {"state": "succeeded", "finished": now, "error": None, "work_id": work_id, "retry_at": None}
             if run["settings"]["retention"] and self.prune is not None:
                 try:
                     pruned = await self.prune(vm["vm"]["id"], run["settings"]["retention"])
@@ -568,7 +600,7 @@ class Fleet:
             outcomes.add_metric([tenant, job, state], n)
         vms = GaugeMetricFamily("chunkyard_fleet_vms", "VMs of active backup job runs by state.", labels=["state"])
         states = Counter(v["state"] for r in list(self.runs.values()) if r["state"] in ACTIVE for v in list(r["vms"]))
-        for state in ("queued", "running", "retrying"):
+        for state in ("queued", "running", "interrupted", "retrying"):
             vms.add_metric([state], states.get(state, 0))
         online = GaugeMetricFamily("chunkyard_fleet_collectors_online", "Pull collectors seen recently.",
                                    labels=["tenant"])

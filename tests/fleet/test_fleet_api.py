@@ -120,7 +120,9 @@ async def test_silent_collector_work_fails_and_is_retried(srv: ServerProcess, ap
     run = await api.ok("GET", f"/runs/{run_id}")
     assert run["vms"][0]["attempt"] == 2 and run["state"] == "running"
     assert "silent" in run["vms"][0]["error"]  # the failed attempt's reason stays until this one reports
-    await api.ok("POST", f"/work/{first['work_id']}/result", result(point_id="late"), status=204)  # superseded
+    await api.ok("POST", f"/work/{first['work_id']}/result", result(ok=False), status=204)  # superseded
+    got, answer = await api.call("POST", f"/work/{first['work_id']}/result", result(point_id="late"))
+    assert got == 422 and answer["error"] == "bad_point"  # a late success must name a real point of this run
     assert (await api.ok("GET", f"/runs/{run_id}"))["vms"][0]["state"] == "running"
     await api.ok("POST", f"/work/{second['work_id']}/result", result(point_id=points["vm-c"]), status=204)
     run = await wait_run(api, run_id)
@@ -193,13 +195,16 @@ async def test_restart_mid_run_retries_the_interrupted_vm(srv: ServerProcess, ap
     assert by_id[done["vm"]["id"]]["state"] == "succeeded"
     assert by_id[done["vm"]["id"]]["point_id"] == points[done["vm"]["id"]]
     lost = by_id[interrupted["vm"]["id"]]
-    assert lost["state"] == "retrying" and "interrupted" in lost["error"] and lost["attempt"] == 1
+    assert lost["state"] == "interrupted" and lost["attempt"] == 1  # its result may still come (the grace)
     assert (await api.call("POST", "/collectors", INVENTORY))[0] == 200  # the collector comes back
-    items = [await api.ok("GET", "/collectors/col1/work?wait=5") for _ in range(2)]
+    items = [await api.ok("GET", "/collectors/col1/work?wait=5")]  # the VM never started
+    items.append(await api.ok("GET", "/collectors/col1/work?wait=10"))  # the interrupted one, after the grace
     assert {i["vm"]["id"] for i in items} == {v["vm"]["id"] for v in run["vms"]} - {done["vm"]["id"]}
     retried = next(i for i in items if i["vm"] == interrupted["vm"])
     assert retried["work_id"].endswith(".2")
-    await api.ok("POST", f"/work/{interrupted['work_id']}/result", result(point_id="stale"), status=204)  # ignored
+    vm = next(v for v in (await api.ok("GET", f"/runs/{run_id}"))["vms"] if v["vm"] == interrupted["vm"])
+    assert "interrupted" in vm["error"]  # the failed attempt's reason stays visible during the retry
+    await api.ok("POST", f"/work/{interrupted['work_id']}/result", result(ok=False), status=204)  # superseded
     for item in items:
         await api.ok("POST", f"/work/{item['work_id']}/result", result(point_id=points[item["vm"]["id"]]),
                      status=204)

@@ -18,6 +18,7 @@ const ROUTES = [
 ];
 
 let generation = 0; // bumped on every navigation: views of older generations stop polling
+let me = null; // the logged-in token, {id, name, role, tenant, expires} from /whoami (never the secret)
 
 function context(gen) {
   return {
@@ -26,6 +27,7 @@ function context(gen) {
     sleep: (ms) => new Promise((resolve) => { setTimeout(resolve, ms); }),
     status,
     encryption,
+    isAdmin: () => me?.role === "admin", // admin-only actions are hidden from reader tokens
   };
 }
 
@@ -57,6 +59,7 @@ async function route() {
   const ctx = context(gen);
   for (let first = true; ctx.alive(); first = false) {
     try {
+      if (!me) showIdentity(await get("/whoami")); // after a reload: the token is in sessionStorage
       await view(ctx, ...m.slice(1).map(decodeURIComponent));
     } catch (e) {
       if (!ctx.alive()) return;
@@ -77,8 +80,19 @@ function errorView(e) {
   return p;
 }
 
+function showIdentity(who) {
+  me = who;
+  const el = $("whoami");
+  el.textContent = `${who.role} · ${who.tenant ? `tenant ${who.tenant}` : "all tenants"}`;
+  el.title = `token ${who.name || who.id}${who.expires ? `, expires ${new Date(who.expires * 1000).toLocaleString()}`
+    : ""}`;
+  el.hidden = false;
+}
+
 function showLogin(message = "", isError = true) {
   generation += 1;
+  me = null;
+  $("whoami").hidden = true;
   $("login").hidden = false;
   $("nav").hidden = true;
   $("logout").hidden = true;
@@ -101,19 +115,26 @@ async function login(event) {
   event.preventDefault();
   const token = $("token").value.trim();
   $("login-error").textContent = "";
+  let who;
   try {
-    await api("GET", "/vms", { token }); // admin and reader tokens may read the catalog
+    who = await api("GET", "/whoami", { token });
   } catch (e) {
     $("login-error").className = "error";
     $("login-error").textContent = e.status === 401
       ? "That token was refused: it is unknown, revoked or expired. Paste the whole token (it starts with cy_)."
-      : e.status === 403 ? "This token's role cannot use the dashboard: log in with an admin or reader token."
-        : `Cannot log in: ${e.message}`;
+      : `Cannot log in: ${e.message}`;
+    return;
+  }
+  if (who.role !== "admin" && who.role !== "reader") {
+    $("login-error").className = "error";
+    $("login-error").textContent = `This is a ${who.role} token, which cannot use the dashboard: log in with an `
+      + "admin or reader token.";
     return;
   }
   session.set(token);
   $("token").value = "";
   showApp();
+  showIdentity(who);
   route();
 }
 

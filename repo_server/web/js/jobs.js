@@ -20,9 +20,9 @@ export async function jobs(ctx) {
       ? h("a", { href: `#/runs/${encodeURIComponent(job.last_run.run_id)}` }, badge(job.last_run.state), " ",
         job.last_run.finished ? timeCell(job.last_run.finished) : "")
       : "never"),
-    h("td", { class: "actions" }, h("button", {
+    h("td", { class: "actions" }, ctx.isAdmin() ? h("button", {
       type: "button", class: "run-now", onclick: (e) => startJob(ctx, job.name, e.currentTarget),
-    }, "Run now"))));
+    }, "Run now") : "")));
   ctx.show(
     h("h2", {}, "Backup jobs"),
     table("jobs", ["Job", "Collector", "Hosts / VMs", "Schedule", "Next run", "Last run", ""], rows,
