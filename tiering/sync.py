@@ -588,6 +588,12 @@ class TierSync:
         for worker in self.workers:
             worker.wake(allow_mass_delete=allow_mass_delete)
 
+    def wake_tier(self, name: str) -> None:
+        """Start a cycle of one tier now: a backup job's tier policy sends its points off site at once."""
+        for worker in self.workers:
+            if worker.tier.name == name:
+                worker.wake()
+
     def status(self) -> list[dict]:
         return [w.status_dict() for w in self.workers]
 

@@ -163,7 +163,8 @@ async def fleet_lifecycle(app: web.Application) -> AsyncIterator[None]:
                   silent_seconds=config.fleet_silent_seconds, tick_seconds=config.fleet_tick_seconds,
                   tiers=[t.name for t in app[TIERS].tiers], prune=prune, notify=notifier.send,
                   last_good=last_good, point_of=point_of,
-                  stale_hours=config.notify.stale_hours if "stale" in config.notify.on else 0)
+                  stale_hours=config.notify.stale_hours if "stale" in config.notify.on else 0,
+                  offload=app[TIERS].wake_tier)
     await fleet.start()
     app[FLEET] = fleet
     task = asyncio.create_task(fleet.run_forever())

@@ -134,12 +134,13 @@ class Fleet:
     def __init__(self, root: Path, *, poll_seconds: float = 30, silent_seconds: float = 300,
                  tick_seconds: float = 1.0, tiers: Iterable[str] = (), prune: Prune | None = None,
                  notify: Notify | None = None, last_good: LastGood | None = None, point_of: PointOf | None = None,
-                 stale_hours: float = 0):
+                 stale_hours: float = 0, offload: Callable[[str], None] | None = None):
         self.store = FleetStore(root)
         self.poll_seconds, self.silent_seconds, self.tick_seconds = poll_seconds, silent_seconds, tick_seconds
         self.tiers = list(tiers)
         self.prune, self.notify, self.last_good, self.point_of = prune, notify, last_good, point_of
         self.stale_seconds = stale_hours * 3600
+        self.offload = offload  # start a sync cycle of the named tier now (the job's tier policy)
         self.jobs: dict[tuple[str, str], dict] = {}
         self.collectors: dict[tuple[str, str], dict] = {}
         self.runs: dict[str, dict] = {}
@@ -438,6 +439,9 @@ class Fleet:
                 except Exception as e:  # the backup itself succeeded: report, do not fail it
                     log.exception("retention after %s failed", work_id)
                     vm["retention"] = {"error": f"{type(e).__name__}: {e}"[:MAX_ERROR]}
+            if run["tier"] and self.offload is not None:  # off site now, not at the tier's next cycle
+                self.offload(run["tier"])
+                vm["offload"] = {"tier": run["tier"], "requested": now}
             self.stale.discard(f"{run['tenant']}/{vm['vm']['id']}")
         else:
             self._attempt_failed(run, vm, fields["error"] or "the collector reported a failure", now)
