@@ -119,22 +119,29 @@ class DiskPipeline:
         self.uploads: set[asyncio.Task] = set()
         self.upload_slots = asyncio.Semaphore(options.uploads_in_flight)
         self.body = bytearray()  # encoded frames of the next upload request
+        self.read_buffers: list[bytearray] = []  # free read buffers, reused: no allocation or zero-fill per read
         self.body_raw = 0  # their uncompressed bytes
 
     # ------------------------------------------------------------------ worker-thread work
 
-    def _read_and_hash(self, first: int, stop: int) -> list[tuple[int, bytes, memoryview]]:
-        """Read chunks [first, stop) in one request; return (index, digest or ZERO, a view of the chunk's
-        bytes in the read buffer). Nothing is copied here: the event loop copies only the chunks it sends."""
+    def _read_and_hash(self, first: int, stop: int) -> tuple[bytearray, list[tuple[int, bytes, memoryview]]]:
+        """Read chunks [first, stop) in one request into a free read buffer; return the buffer (give it back
+        with `read_buffers.append` once the chunks are handled) and (index, digest or ZERO, a view of the
+        chunk's bytes in it). Nothing is copied here: the event loop copies only the chunks it sends."""
         start = first * self.cs
-        data = self.reader.read(start, min(stop * self.cs, self.disk.size) - start)
+        length = min(stop * self.cs, self.disk.size) - start
+        try:
+            buffer = self.read_buffers.pop()
+        except IndexError:
+            buffer = bytearray(max(1, self.options.read_size // self.cs) * self.cs)
+        view = memoryview(buffer)[:length]
+        self.reader.read_into(start, view)
         out = []
-        view = memoryview(data)
-        for i, off in enumerate(range(0, len(data), self.cs), first):
+        for i, off in enumerate(range(0, length, self.cs), first):
             piece = view[off : off + self.cs]
             d = digest(piece)  # an all-zero chunk is told by its digest: no second pass over the bytes
             out.append((i, ZERO if d == _zero_digest(len(piece)) else d, piece))
-        return out
+        return buffer, out
 
     def _compress(self, chunks: list[tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
         """(raw length, encoded frame) per chunk. Each frame is a new right-sized bytes: python-zstandard's
@@ -171,7 +178,7 @@ class DiskPipeline:
             while next_read < len(reads) and len(in_flight) < self.options.reads_in_flight:
                 in_flight.append(loop.run_in_executor(self.pool, self._read_and_hash, *reads[next_read]))
                 next_read += 1
-            chunks = await in_flight.pop(0)
+            buffer, chunks = await in_flight.pop(0)
             for index, d, raw in chunks:
                 length = min(self.cs, self.disk.size - index * self.cs)
                 result.chunks_read += 1
@@ -190,10 +197,11 @@ class DiskPipeline:
                 result.mapped_chunks += 1
                 if d != ZERO and d not in self.seen:
                     self.seen.add(d)
-                    pending.append((d, bytes(raw)))  # a copy frees the read buffer for the other chunks
+                    pending.append((d, bytes(raw)))  # a copy: the read buffer is reused for a later read
                     if len(pending) >= self.options.missing_batch:
                         result.missing_chunks += await self._send(pending)
                         pending = []
+            self.read_buffers.append(buffer)  # every chunk it held is handled or copied into `pending`
             if len(self.map_buffer) >= MAP_FLUSH:
                 await self._flush_map()
         if pending:
