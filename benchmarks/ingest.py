@@ -30,7 +30,7 @@ from chunkyard.units import format_size
 from collectors.pipeline import Options, run_backup
 from collectors.sources.lab import LabSource
 
-from .common import ChunkyardServer, Limits, MiB, PhaseMeter, Row, disk_usage, elapsed, run_measured
+from .common import ROOT, ChunkyardServer, Limits, MiB, PhaseMeter, Row, disk_usage, elapsed, run_measured
 from .fleet import Fleet, churn_lab, copy_lab
 
 KiB = 1 << 10
@@ -67,7 +67,8 @@ def collector_memory(fleet: Fleet, lab: Path, work: Path) -> dict:
     vm = max(fleet.vms, key=lambda v: v.allocated)
     with ChunkyardServer(work / "data-collector", log=work / "server-collector.log") as server:
         measured = run_measured([sys.executable, "-m", "chunkyard.cli", "backup", "--source", f"lab:{lab}",
-                                 "--vm", vm.name, "--server", server.url, "--token", server.admin_token, "--json"])
+                                 "--vm", vm.name, "--server", server.url, "--token", server.admin_token, "--json"],
+                                cwd=ROOT)  # this tree's code, as the servers run it
     result = json.loads(measured.stdout)
     return {"vm": vm.name, "disk_bytes": vm.size, "read": result["read_bytes"], "max_rss": measured.max_rss,
             "seconds": measured.seconds, "cpu_s": measured.cpu_s}

@@ -33,7 +33,7 @@ import blake3
 
 from chunkyard.units import format_size
 
-from .common import ChunkyardServer, Measured, MiB, Row, disk_usage, run_measured
+from .common import ROOT, ChunkyardServer, Measured, MiB, Row, disk_usage, run_measured
 from .fleet import Fleet, churn_raw, export_raw
 
 GiB = 1 << 30
@@ -137,6 +137,13 @@ class Borg(Tool):
 
 class Chunkyard(Tool):
     name = "chunkyard"
+
+    def env(self) -> dict[str, str]:
+        """The CLI runs in the peers' work directory, so put this tree first on the path: otherwise a venv's
+        editable install of another checkout would be imported and measured instead of this code."""
+        env = super().env()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        return env
 
     def init(self) -> None:
         self.server = ChunkyardServer(self.repo, log=self.work / "server-peers.log")

@@ -20,7 +20,7 @@ from pathlib import Path
 from chunkyard.units import format_size
 from collectors.pipeline import Options
 
-from .common import ChunkyardServer, Limits, MiB, PhaseMeter, Row, elapsed, run_measured
+from .common import ROOT, ChunkyardServer, Limits, MiB, PhaseMeter, Row, elapsed, run_measured
 from .fleet import Fleet
 from .ingest import backup_vm
 
@@ -72,7 +72,7 @@ def run(fleet: Fleet, work: Path, limits: Limits, repository: dict) -> dict:
                     out = work / f"{vm}.{fmt}"
                     m = run_measured([sys.executable, "-m", "chunkyard.cli", "restore", point_id, "--disk", disk_id,
                                       "--format", fmt, "-o", str(out), "--server", server.url, "--token",
-                                      server.admin_token, "--json"])
+                                      server.admin_token, "--json"], cwd=ROOT)
                     files[fmt].append({"vm": vm, "bytes": out.stat().st_size, "seconds": m.seconds,
                                        "max_rss": m.max_rss, "cpu_s": m.cpu_s})
                     out.unlink()

@@ -9,6 +9,7 @@ digest map: a FILE that exists is a verified restore.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import time
 from collections.abc import Callable
@@ -164,18 +165,32 @@ async def _open(client: Client, url: str, have: int, tag: Path) -> aiohttp.Clien
 
 
 async def _append_body(resp: aiohttp.ClientResponse, part: Path, bar: Progress) -> None:
-    """Append the body to `part` in large writes; whatever arrived before a failure is kept."""
-    buf = bytearray()
-    with open(part, "ab") as f:
+    """Append the body to `part` in large writes; whatever arrived before a failure is kept.
+
+    A writer thread writes one block while the next one fills (two buffers, reused), so receiving and
+    writing overlap instead of taking turns on the event loop. At most one block is in flight, and it
+    always lands before the next, so the file stays a prefix of the body whatever happens."""
+    blocks = (bytearray(WRITE_BLOCK), bytearray(WRITE_BLOCK))
+    block, fill = memoryview(blocks[0]), 0
+    writing: concurrent.futures.Future | None = None
+    with open(part, "ab") as f, concurrent.futures.ThreadPoolExecutor(1, "restore-write") as writer:
         try:
             async for data in resp.content.iter_any():
-                buf += data
                 bar.update(len(data))
-                if len(buf) >= WRITE_BLOCK:
-                    f.write(buf)
-                    buf.clear()
+                rest = memoryview(data)
+                while rest:
+                    n = min(len(rest), WRITE_BLOCK - fill)
+                    block[fill : fill + n] = rest[:n]
+                    fill, rest = fill + n, rest[n:]
+                    if fill == WRITE_BLOCK:
+                        if writing is not None:  # shielded: a cancelled restore still lets the write land
+                            await asyncio.shield(asyncio.wrap_future(writing))
+                        writing = writer.submit(f.write, block)
+                        block, fill = memoryview(blocks[1] if block.obj is blocks[0] else blocks[0]), 0
         finally:
-            f.write(buf)
+            if writing is not None:
+                writing.result()  # the block in flight lands before the rest
+            f.write(block[:fill])
         f.flush()
         os.fsync(f.fileno())
 

@@ -236,8 +236,10 @@ class Client:
     async def missing(self, sid: str, digests: Sequence[bytes]) -> bytes:
         return await self.binary("POST", f"/sessions/{sid}/missing", b"".join(digests))
 
-    async def upload(self, sid: str, frames: Iterable[Frame]) -> dict:
-        async with await self.send("POST", f"/sessions/{sid}/chunks", encode_frames(frames)) as resp:
+    async def upload(self, sid: str, frames: Iterable[Frame] | bytes | bytearray) -> dict:
+        """Upload frames, or a body of frames the caller already encoded (the collector builds its bodies)."""
+        body = frames if isinstance(frames, (bytes, bytearray)) else encode_frames(frames)
+        async with await self.send("POST", f"/sessions/{sid}/chunks", body) as resp:
             return await resp.json()
 
     async def map(self, sid: str, disk_id: str, entries: Iterable[tuple[int, bytes]]) -> dict:

@@ -14,6 +14,7 @@ Chunks are compressed only after `missing` says the server lacks them, so dedup 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
@@ -28,12 +29,23 @@ import zstandard
 
 from chunkyard.progress import Progress
 from chunkyard.units import format_size
-from chunkyard.wire import DIGEST_LEN, ZERO, ApiError, Client, Frame, bitmap_get, digest, is_zero
+from chunkyard.wire import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    DIGEST_LEN,
+    FRAME_HEADER,
+    ZERO,
+    ApiError,
+    Client,
+    bitmap_get,
+    digest,
+)
 
 from .sources import Backup, DiskInfo, DiskReader, Range
 
 MiB = 1 << 20
 MAP_FLUSH = 65536  # map records buffered before a barrier flush (2.5 MiB)
+RAW_PER_BODY = 4  # an upload body also closes at this many times Options.upload_body in uncompressed bytes
 
 
 class Limiter(Protocol):
@@ -114,29 +126,42 @@ class DiskPipeline:
         self.map_buffer: list[tuple[int, bytes]] = []
         self.uploads: set[asyncio.Task] = set()
         self.upload_slots = asyncio.Semaphore(options.uploads_in_flight)
-        self.body: list[Frame] = []
-        self.body_bytes = 0
+        self.body = bytearray()  # encoded frames of the next upload request
+        self.read_buffers: list[bytearray] = []  # free read buffers, reused: no allocation or zero-fill per read
+        self.body_raw = 0  # their uncompressed bytes
 
     # ------------------------------------------------------------------ worker-thread work
 
-    def _read_and_hash(self, first: int, stop: int) -> list[tuple[int, bytes, bytes]]:
-        """Read chunks [first, stop) in one request; return (index, digest or ZERO, bytes)."""
+    def _read_and_hash(self, first: int, stop: int) -> tuple[bytearray, list[tuple[int, bytes, memoryview]]]:
+        """Read chunks [first, stop) in one request into a free read buffer; return the buffer (give it back
+        with `read_buffers.append` once the chunks are handled) and (index, digest or ZERO, a view of the
+        chunk's bytes in it). Nothing is copied here: the event loop copies only the chunks it sends."""
         start = first * self.cs
-        data = self.reader.read(start, min(stop * self.cs, self.disk.size) - start)
+        length = min(stop * self.cs, self.disk.size) - start
+        try:
+            buffer = self.read_buffers.pop()
+        except IndexError:
+            buffer = bytearray(max(1, self.options.read_size // self.cs) * self.cs)
+        view = memoryview(buffer)[:length]
+        self.reader.read_into(start, view)
         out = []
-        view = memoryview(data)
-        for i, off in enumerate(range(0, len(data), self.cs), first):
-            piece = bytes(view[off : off + self.cs])
-            out.append((i, ZERO, b"") if is_zero(piece) else (i, digest(piece), piece))
-        return out
+        for i, off in enumerate(range(0, length, self.cs), first):
+            piece = view[off : off + self.cs]
+            d = digest(piece)  # an all-zero chunk is told by its digest: no second pass over the bytes
+            out.append((i, ZERO if d == _zero_digest(len(piece)) else d, piece))
+        return buffer, out
 
-    def _compress(self, chunks: list[tuple[bytes, bytes]]) -> list[Frame]:
+    def _compress(self, chunks: list[tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
+        """(raw length, encoded frame) per chunk. Each frame is a new right-sized bytes: python-zstandard's
+        result keeps a compress-bound allocation (about the chunk size) however small the output, and
+        holding those until an upload body fills pinned up to the body size times the compression ratio."""
         if self.local.cctx is None:
             self.local.cctx = zstandard.ZstdCompressor(level=self.options.zstd_level)
         frames = []
         for d, raw in chunks:
             packed = self.local.cctx.compress(raw)
-            frames.append(Frame(d, 1, len(raw), packed) if len(packed) < len(raw) else Frame(d, 0, len(raw), raw))
+            codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
+            frames.append((len(raw), FRAME_HEADER.pack(d, codec, len(raw), len(payload)) + payload))
         return frames
 
     # ------------------------------------------------------------------ event-loop work
@@ -161,7 +186,7 @@ class DiskPipeline:
             while next_read < len(reads) and len(in_flight) < self.options.reads_in_flight:
                 in_flight.append(loop.run_in_executor(self.pool, self._read_and_hash, *reads[next_read]))
                 next_read += 1
-            chunks = await in_flight.pop(0)
+            buffer, chunks = await in_flight.pop(0)
             for index, d, raw in chunks:
                 length = min(self.cs, self.disk.size - index * self.cs)
                 result.chunks_read += 1
@@ -180,10 +205,11 @@ class DiskPipeline:
                 result.mapped_chunks += 1
                 if d != ZERO and d not in self.seen:
                     self.seen.add(d)
-                    pending.append((d, raw))
+                    pending.append((d, bytes(raw)))  # a copy: the read buffer is reused for a later read
                     if len(pending) >= self.options.missing_batch:
                         result.missing_chunks += await self._send(pending)
                         pending = []
+            self.read_buffers.append(buffer)  # every chunk it held is handled or copied into `pending`
             if len(self.map_buffer) >= MAP_FLUSH:
                 await self._flush_map()
         if pending:
@@ -191,7 +217,7 @@ class DiskPipeline:
         await self._flush_map()
 
     async def _send(self, chunks: list[tuple[bytes, bytes]]) -> int:
-        """Ask which chunks the server lacks, compress those, and queue them for upload."""
+        """Ask which chunks the server lacks, compress those, and queue them for upload; empties `chunks`."""
         bitmap = await self.client.missing(self.sid, [d for d, _ in chunks])
         todo = [c for n, c in enumerate(chunks) if bitmap_get(bitmap, n)]
         if not todo:
@@ -200,27 +226,35 @@ class DiskPipeline:
         half = -(-len(todo) // self.options.workers)
         parts = await asyncio.gather(*(loop.run_in_executor(self.pool, self._compress, todo[i : i + half])
                                        for i in range(0, len(todo), half)))
-        for frame in (f for part in parts for f in part):
-            self.body.append(frame)
-            self.body_bytes += len(frame.payload)
-            if self.body_bytes >= self.options.upload_body:
-                await self._upload_body()
-        return len(todo)
+        count = len(todo)
+        todo.clear()
+        chunks.clear()  # the raw chunks (the caller's batch): from here on only the encoded frames are held
+        for part in parts:
+            while part:
+                raw_len, frame = part.pop(0)
+                self.body += frame
+                self.body_raw += raw_len
+                if (len(self.body) >= self.options.upload_body
+                        or self.body_raw >= RAW_PER_BODY * self.options.upload_body):
+                    await self._upload_body()
+        return count
 
     async def _upload_body(self) -> None:
+        """Start uploading the body filled so far; waits while `uploads_in_flight` bodies are in flight, so
+        memory holds at most that many bodies plus the one being filled."""
         if not self.body:
             return
-        frames, self.body, self.body_bytes = self.body, [], 0
+        body, self.body, self.body_raw = self.body, bytearray(), 0
         await self.upload_slots.acquire()
-        task = asyncio.create_task(self._upload(frames))
+        task = asyncio.create_task(self._upload(body))
         self.uploads.add(task)
         task.add_done_callback(self.uploads.discard)
 
-    async def _upload(self, frames: list[Frame]) -> None:
+    async def _upload(self, body: bytearray) -> None:
         try:
             if self.options.limiter is not None:
-                await self.options.limiter.acquire(sum(len(f.payload) for f in frames))
-            answer = await self.client.upload(self.sid, frames)
+                await self.options.limiter.acquire(len(body))  # the bytes this request puts on the wire
+            answer = await self.client.upload(self.sid, body)
             self.totals["sent_bytes"] += answer["bytes"]
             self.totals["uploaded_chunks"] += answer["stored"]
         finally:
@@ -319,6 +353,11 @@ async def run_backup(client: Client, backup: Backup, *, options: Options | None 
     return Result(committed["point_id"], backup.vm.name, time.monotonic() - started, read_bytes,
                   totals["sent_bytes"], totals["uploaded_chunks"], results, committed["stats"], resumed,
                   backup.report())
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_digest(length: int) -> bytes:
+    return digest(bytes(length))
 
 
 class BaseMap:

@@ -7,15 +7,16 @@ import asyncio
 import io
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from chunkyard.progress import Progress
-from chunkyard.wire import Client
-from collectors.pipeline import Options, chunk_spans, run_backup
+from chunkyard.wire import CODEC_RAW, Client, Frame, decode_frames
+from collectors.pipeline import RAW_PER_BODY, Options, chunk_spans, run_backup
 from collectors.sources.file import FileSource
-from tests.conftest import require_tool
+from tests.conftest import ServerProcess, require_tool
 from tests.helpers import Interrupt, KillAt, MiB, make_disk, restore
 
 
@@ -92,6 +93,40 @@ async def test_vhdx_file_source(tmp_path: Path, collector: Client, admin: Client
     assert result.read_bytes <= 6 * MiB  # zero blocks are not allocated in the VHDX, so not read
 
 
+
+
+class BodyRecorder(Client):
+    """The real client, noting the frames of each upload body it sends."""
+
+    bodies: list[list[Frame]]
+
+    async def upload(self, sid: str, frames: Iterable[Frame] | bytes | bytearray) -> dict:
+        self.bodies.append(decode_frames(bytes(frames)) if isinstance(frames, (bytes, bytearray)) else list(frames))
+        return await super().upload(sid, frames)
+
+
+async def test_upload_bodies_are_bounded_by_stored_and_raw_bytes(tmp_path: Path, server: ServerProcess,
+                                                                 collector: Client,
+                                                                 admin: Client) -> None:
+    """Compressible chunks shrink to a few KiB each: a body closes at RAW_PER_BODY x upload_body raw bytes
+    long before the stored bytes reach upload_body; incompressible chunks close it at upload_body."""
+    image = make_disk("c" * 13 + "rrr", seed=54)
+    path = tmp_path / "mixed.img"
+    path.write_bytes(image)
+    token = collector.token
+    async with BodyRecorder(server.url, token) as recorder:
+        recorder.bodies = []
+        result = await backup_file(recorder, path, "vm-b", upload_body=MiB, missing_batch=32)
+    bodies = recorder.bodies
+    assert result.uploaded_chunks == 16 and sum(len(b) for b in bodies) == 16
+    for body in bodies:
+        raw = sum(f.raw_len for f in body)
+        stored = sum(len(f.payload) for f in body)
+        # a body closes at the frame that reaches a bound, so it exceeds it by less than one frame
+        assert raw - body[-1].raw_len < RAW_PER_BODY * MiB and stored - len(body[-1].payload) < MiB
+    assert [f.codec for b in bodies for f in b].count(CODEC_RAW) == 3  # random chunks travel uncompressed
+    assert len(bodies) >= 5  # 13 compressible MiB close 3 bodies by raw bytes, 3 random MiB one each
+    assert await restore(admin, result.point_id, "mixed.img") == image
 
 
 async def test_interrupted_backup_resumes_without_resending(tmp_path: Path, collector: Client,

@@ -6,6 +6,7 @@ metadata, log (replayed in memory), BAT (every allocated block inside the file)
 and the parent chain (linkage GUID, size, sector size).
 """
 
+import functools
 import os
 import uuid
 from collections.abc import Callable
@@ -87,6 +88,11 @@ def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple
         else:
             j += 1
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
 
 def _bit_runs(bitmap: bytes, first_bit: int, count: int) -> list[list[int]]:
@@ -173,39 +179,47 @@ class VhdxDisk:
             self._ranges = _merge(own)
         return list(self._ranges)
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the virtual disk; sparse parts read as zeros."""
-        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+    def read(self, offset: int, length: int) -> bytearray:
+        """Bytes [offset, offset+length) of the virtual disk; sparse parts read as zeros. A bytearray, not a
+        bytes copy of it: the caller gets the buffer the file was read into."""
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out))
+        return out
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with the virtual disk's bytes from `offset`: each byte is copied once, from the file
+        straight into `out`, and sparse parts are zero-filled."""
+        if offset < 0 or offset + len(out) > self.virtual_size:
             raise VhdxError(
-                f"{self.name}: read of {length} bytes at offset {offset} is outside the "
+                f"{self.name}: read of {len(out)} bytes at offset {offset} is outside the "
                 f"virtual disk ({self.virtual_size} bytes)"
             )
-        out = bytearray(length)
-        self._read_into(offset, memoryview(out))
-        return bytes(out)
-
-    def _read_into(self, offset: int, out: memoryview) -> None:
-        """Fill `out` (zero-initialised) with virtual bytes starting at `offset`."""
         try:
-            bs = self.block_size
-            pos = 0
-            while pos < len(out):
-                voff = offset + pos
-                block, in_block = divmod(voff, bs)
-                n = min(bs - in_block, len(out) - pos)
-                state, file_offset = self._bat.payload(block)
-                if state == BlockState.FULLY_PRESENT:
-                    out[pos : pos + n] = self._source.read_at(file_offset + in_block, n)
-                elif state == BlockState.PARTIALLY_PRESENT:
-                    self._read_partial(block, file_offset, voff, out[pos : pos + n])
-                elif state == BlockState.NOT_PRESENT and self.parent is not None:
-                    self.parent._read_into(voff, out[pos : pos + n])
-                pos += n
+            self._read_into(offset, out)
         except FormatError as exc:
             raise VhdxError(f"{self.name}: {exc}") from None
 
+    def _read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with virtual bytes starting at `offset`."""
+        bs = self.block_size
+        pos = 0
+        while pos < len(out):
+            voff = offset + pos
+            block, in_block = divmod(voff, bs)
+            n = min(bs - in_block, len(out) - pos)
+            state, file_offset = self._bat.payload(block)
+            if state == BlockState.FULLY_PRESENT:
+                self._source.read_into(file_offset + in_block, out[pos : pos + n])
+            elif state == BlockState.PARTIALLY_PRESENT:
+                self._read_partial(block, file_offset, voff, out[pos : pos + n])
+            elif state == BlockState.NOT_PRESENT and self.parent is not None:
+                self.parent._read_into(voff, out[pos : pos + n])
+            else:
+                out[pos : pos + n] = _zeros(n)
+            pos += n
+
     def _read_partial(self, block: int, file_offset: int, offset: int, out: memoryview) -> None:
-        """Sectors whose bitmap bit is set come from this file, the others from the parent."""
+        """Sectors whose bitmap bit is set come from this file, the others from the parent (or are zeros)."""
         lss = self.logical_sector_size
         first_sector = offset // lss
         end_sector = -(-(offset + len(out)) // lss)
@@ -219,9 +233,11 @@ class VhdxDisk:
             run_end = min(sector * lss, offset + len(out))
             dest = out[pos - offset : run_end - offset]
             if bit:
-                dest[:] = self._source.read_at(file_offset + pos - block_start, run_end - pos)
+                self._source.read_into(file_offset + pos - block_start, dest)
             elif self.parent is not None:
                 self.parent._read_into(pos, dest)
+            else:
+                dest[:] = _zeros(len(dest))
             pos = run_end
 
     def close(self) -> None:

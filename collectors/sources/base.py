@@ -40,6 +40,10 @@ class DiskReader(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with the bytes at `offset`: the pipeline reuses its read buffers."""
+        ...
+
     def allocated_ranges(self) -> list[Range]:
         """Sorted, merged ranges that may hold data; everything else reads as zeros."""
         ...

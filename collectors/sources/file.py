@@ -41,6 +41,15 @@ class RawDiskReader:
             length -= len(data)
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        done = 0
+        while done < len(out):
+            n = os.preadv(self._fd, [out[done:]], offset + done)
+            if not n:
+                raise SourceError(f"{self.path}: short read at offset {offset + done} (the file shrank during the "
+                                  "backup?)")
+            done += n
+
     def allocated_ranges(self) -> list[Range]:
         if self._is_device:
             return [(0, self.virtual_size)] if self.virtual_size else []

@@ -208,6 +208,15 @@ class PooledDisk:
         finally:
             self._free.put(disk)
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        disk = self._take()
+        try:
+            disk.read_into(offset, out)
+        except (OSError, SMBException, VhdxError) as e:
+            raise HyperVError(f"reading {disk.name} at offset {offset} failed: {e}") from None
+        finally:
+            self._free.put(disk)
+
     def _take(self) -> VhdxDisk:
         try:
             return self._free.get_nowait()
