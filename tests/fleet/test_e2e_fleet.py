@@ -168,6 +168,8 @@ async def check_metrics(server: ServerProcess, admin: Client, tokens: dict[str, 
                 for s in samples["chunkyard_fleet_runs_total"]}
     assert outcomes == history
     assert {state for _, _, state in history} == {"succeeded", "failed"}
+    online = {s.labels["tenant"]: s.value for s in samples["chunkyard_fleet_collectors_online"]}
+    assert online == {"acme": 2, "beta": 1}
 
     last = {s.labels["vm_id"]: s.value for s in samples["chunkyard_vm_last_backup_timestamp_seconds"]}
     vms = await admin.vms()
