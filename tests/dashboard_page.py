@@ -92,9 +92,15 @@ class DashboardPage:
         self.page.locator("#vms tbody tr, #vms-empty").first.wait_for()
         return self._rows("#vms", "vmId")
 
-    def open_vm(self, name: str) -> None:
-        self.page.locator(f"#vms tbody tr[data-vm-name='{name}'] a").click()
+    def open_vm(self, name: str | None = None, *, vm_id: str | None = None) -> None:
+        """A VM's restore points, by name or by id (VMs on different hosts may share a name)."""
+        row = f"data-vm-id='{vm_id}'" if vm_id else f"data-vm-name='{name}'"
+        self.page.locator(f"#vms tbody tr[{row}] a").click()
         self.page.locator("#points tbody tr, #points-empty").first.wait_for()
+
+    def vm_last_backup(self, vm_id: str) -> str | None:
+        """A fleet row's last backup as an ISO time (the cell shows it relative: "2 minutes ago")."""
+        return self.page.locator(f"#vms tbody tr[data-vm-id='{vm_id}'] time").first.get_attribute("datetime")
 
     def point_rows(self) -> list[dict[str, str]]:
         """The open VM's points, newest first, one row per disk: {heading: text} plus 'id' (point id)."""
@@ -129,6 +135,16 @@ class DashboardPage:
 
     def job_rows(self) -> list[dict[str, str]]:
         return self._rows("#jobs", "job")
+
+    def open_job(self, name: str) -> None:
+        """A job's page (its definition and runs), from the jobs view."""
+        self.go("jobs")
+        self.page.locator(f"#jobs tbody tr[data-job='{name}'] th a").click()
+        self.page.locator("#runs tbody tr, #runs-empty").first.wait_for()
+
+    def job_run_rows(self) -> list[dict[str, str]]:
+        """The open job's runs, newest first: {heading: text} plus 'id' (run id)."""
+        return self._rows("#runs", "runId")
 
     def collectors_text(self) -> str:
         self.go("collectors")

@@ -382,6 +382,13 @@ class ChunkStore:
         writer = self._writer
         return writer.pack_id if writer is not None else None
 
+    def first_unfinished_pack(self) -> int:
+        """The lowest pack id that can still get records: the open pack, else the next one to open. Under the
+        write lock: a flush seals a full pack half-way and indexes its records only at the end, so read
+        without it, a sealed pack could be named finished while its last records are not indexed yet."""
+        with self._write_lock:
+            return self.open_pack_id() or self.index.counter("next_pack_id")
+
     def seal_open_pack(self) -> int | None:
         """Seal the open pack now if it holds records, so that every chunk stored so far lies in an
         immutable pack (the cloud tier uploads only sealed packs, and a point only after the packs it

@@ -216,7 +216,7 @@ class GarbageCollector:
 
         total = self.repo.chunks.chunk_count
         # Packs from here on get records the scan below never sees: compaction must leave them alone.
-        self.first_unscanned_pack = self.repo.chunks.open_pack_id() or self.index.counter("next_pack_id")
+        self.first_unscanned_pack = self.repo.chunks.first_unfinished_pack()
         with self.repo.chunks.reader() as reader:
             for item in self.index.scan("chunks"):
                 batch.append(item)

@@ -4,97 +4,33 @@ process, a real server process sending to both; plus retention applied after a j
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from tests.conftest import ServerProcess, free_port, require_module
+from tests.conftest import ServerProcess
 from tests.helpers import backup, make_disk
 
 from .fleet_server import INVENTORY, Api, fleet_server, job, real_points, result
+from .notify_channels import LOOPBACK_AUTH_WARNING, SMTP_PASSWORD, Inbox, notify_channels, notify_config
 
-# Loopback SMTP in a test: AUTH without TLS is what we mean to exercise here.
-pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-
-
-class Inbox:
-    """What the SMTP server and the webhook received."""
-
-    def __init__(self) -> None:
-        self.mails: list[email.message.EmailMessage] = []
-        self.hooks: list[dict] = []
-        self.fail_next_hook = 0
-        self.logins: list[str] = []
-
-    def authenticate(self, server, session, envelope, mechanism, auth_data):
-        """aiosmtpd's authenticator hook: one user, one password."""
-        from aiosmtpd.smtp import AuthResult
-
-        good = (auth_data.login, auth_data.password) == (b"chunkyard", b"s3cret")
-        if good:
-            self.logins.append(auth_data.login.decode())
-        return AuthResult(success=good)
-
-    async def handle_DATA(self, server, session, envelope) -> str:  # the aiosmtpd handler hook
-        self.mails.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-        return "250 OK"
-
-    async def hook(self, request: web.Request) -> web.Response:
-        if self.fail_next_hook:
-            self.fail_next_hook -= 1
-            return web.Response(status=500)
-        self.hooks.append(await request.json())
-        return web.Response(status=204)
-
-    async def wait(self, mails: int, hooks: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while (len(self.mails) < mails or len(self.hooks) < hooks) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert len(self.mails) >= mails and len(self.hooks) >= hooks, (self.mails, self.hooks)
+pytestmark = pytest.mark.filterwarnings(LOOPBACK_AUTH_WARNING)
 
 
 @pytest.fixture
 async def inbox() -> AsyncIterator[tuple[Inbox, int, int]]:
-    controller_module = require_module("aiosmtpd.controller")
-    box = Inbox()
-    smtp_port = free_port()
-    controller = controller_module.Controller(box, hostname="127.0.0.1", port=smtp_port, authenticator=box.authenticate,
-                                              auth_required=True, auth_require_tls=False)
-    controller.start()
-    app = web.Application()
-    app.router.add_post("/hook", box.hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    hook_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
-    yield box, smtp_port, hook_port
-    await runner.cleanup()
-    controller.stop()
+    async with notify_channels() as channels:
+        yield channels
 
 
 def notify_server(tmp_path: Path, smtp_port: int, hook_port: int, on: str, stale_hours: float = 26,
                   password: str = "") -> ServerProcess:
     """A server notifying the test's SMTP server and webhook; without `password` in the file, the SMTP
     password comes from $CHUNKYARD_SMTP_PASSWORD."""
-    server, _ = fleet_server(tmp_path, extra=f"""
-[notify]
-webhook_url = "http://127.0.0.1:{hook_port}/hook"
-smtp_host = "127.0.0.1"
-smtp_port = {smtp_port}
-mail_from = "chunkyard@example.test"
-mail_to = ["ops@example.test", "oncall@example.test"]
-on = {on}
-stale_hours = {stale_hours}
-smtp_user = "chunkyard"
-smtp_password = "{password}"
-""")
-    server.start(env={} if password else {"CHUNKYARD_SMTP_PASSWORD": "s3cret"})
+    server, _ = fleet_server(tmp_path, extra=notify_config(smtp_port, hook_port, on, stale_hours, password))
+    server.start(env={} if password else {"CHUNKYARD_SMTP_PASSWORD": SMTP_PASSWORD})
     return server
 
 
