@@ -174,7 +174,7 @@ class WorkProgress(Progress):
         self.phase = "checkpoint"
 
     def _draw(self, text: str, end: str = "\n") -> None:
-        pass
+        """Draw nothing: a service has no terminal; the agent posts this progress to the server instead."""
 
     def report(self) -> dict:
         return {"phase": self.phase, "done_bytes": self.done, "total_bytes": self.total or 0,
