@@ -9,8 +9,9 @@ Per disk, one of three plans:
   the base had but the disk no longer allocates are mapped to ZERO).
 - full: no base; every allocated range is read, every data chunk mapped (unmapped means zero).
 Chunks are compressed only after `missing` says the server lacks them, so dedup hits cost no zstd.
-A full batch is asked about, compressed and queued by a background task while the loop reads and hashes
-the next one (one batch at a time: memory holds at most two batches), so the worker threads stay busy.
+A batch of half `missing_batch` chunks is asked about, compressed and queued by a background task while
+the loop reads and hashes the next half (one batch at a time), so the worker threads stay busy and memory
+holds no more raw chunks than one unpipelined `missing_batch` did.
 """
 
 from __future__ import annotations
@@ -155,13 +156,16 @@ class DiskPipeline:
         return buffer, out
 
     def _compress(self, chunks: list[tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
-        """(raw length, encoded frame) per chunk. Each frame is a new right-sized bytes: python-zstandard's
-        result keeps a compress-bound allocation (about the chunk size) however small the output, and
-        holding those until an upload body fills pinned up to the body size times the compression ratio."""
+        """(raw length, encoded frame) per chunk, taking the chunks out of `chunks` so each raw chunk is freed
+        once compressed (the next batch is read meanwhile). Each frame is a new right-sized bytes:
+        python-zstandard's result keeps a compress-bound allocation (about the chunk size) however small the
+        output, and holding those until an upload body fills pinned up to the body size times the ratio."""
         if self.local.cctx is None:
             self.local.cctx = zstandard.ZstdCompressor(level=self.options.zstd_level)
         frames = []
-        for d, raw in chunks:
+        chunks.reverse()
+        while chunks:
+            d, raw = chunks.pop()
             packed = self.local.cctx.compress(raw)
             codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
             frames.append((len(raw), FRAME_HEADER.pack(d, codec, len(raw), len(payload)) + payload))
@@ -182,6 +186,7 @@ class DiskPipeline:
     async def _run(self, spans: list[tuple[int, int]], result: DiskResult) -> None:
         loop = asyncio.get_running_loop()
         step = max(1, self.options.read_size // self.cs)
+        batch = max(1, self.options.missing_batch // 2)  # one half is sent while the other fills
         reads = [(a, min(a + step, stop)) for first, stop in spans for a in range(first, stop, step)]
         pending: list[tuple[bytes, bytes]] = []  # (digest, raw) waiting for a `missing` answer
         in_flight: list[asyncio.Future] = []
@@ -210,7 +215,7 @@ class DiskPipeline:
                 if d != ZERO and d not in self.seen:
                     self.seen.add(d)
                     pending.append((d, bytes(raw)))  # a copy: the read buffer is reused for a later read
-                    if len(pending) >= self.options.missing_batch:
+                    if len(pending) >= batch:
                         await self._queue_send(pending, result)
                         pending = []
             self.read_buffers.append(buffer)  # every chunk it held is handled or copied into `pending`
@@ -242,10 +247,10 @@ class DiskPipeline:
             return
         loop = asyncio.get_running_loop()
         half = -(-len(todo) // self.options.workers)
-        parts = await asyncio.gather(*(loop.run_in_executor(self.pool, self._compress, todo[i : i + half])
-                                       for i in range(0, len(todo), half)))
+        shares = [todo[i : i + half] for i in range(0, len(todo), half)]
         result.missing_chunks += len(todo)
-        todo.clear()  # the raw chunks: from here on only the encoded frames are held
+        todo.clear()  # from here on each raw chunk is held only by its share, until it is compressed
+        parts = await asyncio.gather(*(loop.run_in_executor(self.pool, self._compress, share) for share in shares))
         for part in parts:
             while part:
                 raw_len, frame = part.pop(0)

@@ -147,12 +147,12 @@ class SlowMissing(Client):
 async def test_reading_goes_on_while_one_batch_is_sent(tmp_path: Path, server: ServerProcess,
                                                        collector: Client, admin: Client) -> None:
     """While a batch waits for `missing` (and its compression), the next batch is read and hashed; but only
-    one batch is sent at a time, so no more than one further batch is read meanwhile (memory stays bounded)
-    and batches reach the upload bodies in read order."""
+    one batch (half of `missing_batch`) is sent at a time, so no more than one further half is read meanwhile
+    (memory holds at most `missing_batch` raw chunks) and batches reach the upload bodies in read order."""
     image = make_disk("r" * 24, seed=55)
     path = tmp_path / "overlap.img"
     path.write_bytes(image)
-    batch = 4
+    batch = 4  # sent as halves of 2 chunks
     async with SlowMissing(server.url, collector.token) as client:
         client.events, client.progress = [], quiet()
         source = FileSource(path, "vm-o")
@@ -160,10 +160,12 @@ async def test_reading_goes_on_while_one_batch_is_sent(tmp_path: Path, server: S
             result = await run_backup(client, b, options=Options(missing_batch=batch, read_size=2 * MiB),
                                       progress=client.progress)
     events = client.events
-    assert [kind for kind, _ in events] == ["ask", "answer"] * 6  # never two batches in flight
-    read_meanwhile = [answer - ask for (_, ask), (_, answer) in zip(events[::2], events[1::2], strict=True)]
-    assert max(read_meanwhile[:-1]) > 0  # the loop kept reading while a batch was out
-    assert max(read_meanwhile) <= batch * MiB  # ...but at most the next batch
+    assert [kind for kind, _ in events] == ["ask", "answer"] * 12  # never two halves in flight
+    half = batch // 2 * MiB
+    answers = [done for kind, done in events if kind == "answer"]
+    ahead = [done - n * half for n, done in enumerate(answers, 1)]  # read beyond the halves asked about so far
+    assert max(ahead) > 0  # the loop kept reading while a half was out
+    assert max(ahead) <= half  # ...but at most the next half
     assert result.uploaded_chunks == 24 and result.disks[0].missing_chunks == 24
     assert await restore(admin, result.point_id, "overlap.img") == image
 
