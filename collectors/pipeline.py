@@ -9,6 +9,9 @@ Per disk, one of three plans:
   the base had but the disk no longer allocates are mapped to ZERO).
 - full: no base; every allocated range is read, every data chunk mapped (unmapped means zero).
 Chunks are compressed only after `missing` says the server lacks them, so dedup hits cost no zstd.
+A batch of half `missing_batch` chunks is asked about, compressed and queued by a background task while
+the loop reads and hashes the next half (one batch at a time), so the worker threads stay busy and memory
+holds no more raw chunks than one unpipelined `missing_batch` did.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class DiskPipeline:
         self.seen: set[bytes] = set()  # digests already sent or known present in this run
         self.map_buffer: list[tuple[int, bytes]] = []
         self.uploads: set[asyncio.Task] = set()
+        self.sending: asyncio.Task | None = None  # the one batch being asked about, compressed and queued
         self.upload_slots = asyncio.Semaphore(options.uploads_in_flight)
         self.body = bytearray()  # encoded frames of the next upload request
         self.read_buffers: list[bytearray] = []  # free read buffers, reused: no allocation or zero-fill per read
@@ -152,13 +156,16 @@ class DiskPipeline:
         return buffer, out
 
     def _compress(self, chunks: list[tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
-        """(raw length, encoded frame) per chunk. Each frame is a new right-sized bytes: python-zstandard's
-        result keeps a compress-bound allocation (about the chunk size) however small the output, and
-        holding those until an upload body fills pinned up to the body size times the compression ratio."""
+        """(raw length, encoded frame) per chunk, taking the chunks out of `chunks` so each raw chunk is freed
+        once compressed (the next batch is read meanwhile). Each frame is a new right-sized bytes:
+        python-zstandard's result keeps a compress-bound allocation (about the chunk size) however small the
+        output, and holding those until an upload body fills pinned up to the body size times the ratio."""
         if self.local.cctx is None:
             self.local.cctx = zstandard.ZstdCompressor(level=self.options.zstd_level)
         frames = []
-        for d, raw in chunks:
+        chunks.reverse()
+        while chunks:
+            d, raw = chunks.pop()
             packed = self.local.cctx.compress(raw)
             codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
             frames.append((len(raw), FRAME_HEADER.pack(d, codec, len(raw), len(payload)) + payload))
@@ -170,14 +177,16 @@ class DiskPipeline:
         try:
             await self._run(spans, result)
         except BaseException:
-            for task in self.uploads:  # a failed run leaves nothing running behind it
+            running = [*self.uploads, *([self.sending] if self.sending else [])]
+            for task in running:  # a failed run leaves nothing running behind it
                 task.cancel()
-            await asyncio.gather(*self.uploads, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
             raise
 
     async def _run(self, spans: list[tuple[int, int]], result: DiskResult) -> None:
         loop = asyncio.get_running_loop()
         step = max(1, self.options.read_size // self.cs)
+        batch = max(1, self.options.missing_batch // 2)  # one half is sent while the other fills
         reads = [(a, min(a + step, stop)) for first, stop in spans for a in range(first, stop, step)]
         pending: list[tuple[bytes, bytes]] = []  # (digest, raw) waiting for a `missing` answer
         in_flight: list[asyncio.Future] = []
@@ -206,29 +215,42 @@ class DiskPipeline:
                 if d != ZERO and d not in self.seen:
                     self.seen.add(d)
                     pending.append((d, bytes(raw)))  # a copy: the read buffer is reused for a later read
-                    if len(pending) >= self.options.missing_batch:
-                        result.missing_chunks += await self._send(pending)
+                    if len(pending) >= batch:
+                        await self._queue_send(pending, result)
                         pending = []
             self.read_buffers.append(buffer)  # every chunk it held is handled or copied into `pending`
             if len(self.map_buffer) >= MAP_FLUSH:
                 await self._flush_map()
         if pending:
-            result.missing_chunks += await self._send(pending)
+            await self._queue_send(pending, result)
         await self._flush_map()
 
-    async def _send(self, chunks: list[tuple[bytes, bytes]]) -> int:
+    async def _queue_send(self, chunks: list[tuple[bytes, bytes]], result: DiskResult) -> None:
+        """Send a full batch in the background once the previous one is queued for upload: the loop goes on
+        reading and hashing the next batch meanwhile, and batches reach upload bodies in read order."""
+        await self._sent()
+        self.sending = asyncio.create_task(self._send(chunks, result))
+
+    async def _sent(self) -> None:
+        """Wait for the batch being sent (raises its error)."""
+        if self.sending is not None:
+            task = self.sending
+            await task
+            self.sending = None
+
+    async def _send(self, chunks: list[tuple[bytes, bytes]], result: DiskResult) -> None:
         """Ask which chunks the server lacks, compress those, and queue them for upload; empties `chunks`."""
         bitmap = await self.client.missing(self.sid, [d for d, _ in chunks])
         todo = [c for n, c in enumerate(chunks) if bitmap_get(bitmap, n)]
+        chunks.clear()  # present chunks' bytes are dropped now, the missing ones held by `todo`
         if not todo:
-            return 0
+            return
         loop = asyncio.get_running_loop()
         half = -(-len(todo) // self.options.workers)
-        parts = await asyncio.gather(*(loop.run_in_executor(self.pool, self._compress, todo[i : i + half])
-                                       for i in range(0, len(todo), half)))
-        count = len(todo)
-        todo.clear()
-        chunks.clear()  # the raw chunks (the caller's batch): from here on only the encoded frames are held
+        shares = [todo[i : i + half] for i in range(0, len(todo), half)]
+        result.missing_chunks += len(todo)
+        todo.clear()  # from here on each raw chunk is held only by its share, until it is compressed
+        parts = await asyncio.gather(*(loop.run_in_executor(self.pool, self._compress, share) for share in shares))
         for part in parts:
             while part:
                 raw_len, frame = part.pop(0)
@@ -237,7 +259,6 @@ class DiskPipeline:
                 if (len(self.body) >= self.options.upload_body
                         or self.body_raw >= RAW_PER_BODY * self.options.upload_body):
                     await self._upload_body()
-        return count
 
     async def _upload_body(self) -> None:
         """Start uploading the body filled so far; waits while `uploads_in_flight` bodies are in flight, so
@@ -262,6 +283,7 @@ class DiskPipeline:
 
     async def _flush_map(self) -> None:
         """Map only after every upload in flight has landed: the server checks each digest is present."""
+        await self._sent()
         await self._upload_body()
         if self.uploads:
             await asyncio.gather(*self.uploads)  # raises the first upload error

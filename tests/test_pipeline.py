@@ -129,6 +129,47 @@ async def test_upload_bodies_are_bounded_by_stored_and_raw_bytes(tmp_path: Path,
     assert await restore(admin, result.point_id, "mixed.img") == image
 
 
+class SlowMissing(Client):
+    """The real client with a slow `missing` answer, noting how many bytes the collector had read when each
+    question went out and when its answer came back."""
+
+    events: list[tuple[str, int]]
+    progress: Progress
+
+    async def missing(self, sid: str, digests: list[bytes]) -> bytes:
+        self.events.append(("ask", self.progress.done))
+        await asyncio.sleep(0.2)
+        answer = await super().missing(sid, digests)
+        self.events.append(("answer", self.progress.done))
+        return answer
+
+
+async def test_reading_goes_on_while_one_batch_is_sent(tmp_path: Path, server: ServerProcess,
+                                                       collector: Client, admin: Client) -> None:
+    """While a batch waits for `missing` (and its compression), the next batch is read and hashed; but only
+    one batch (half of `missing_batch`) is sent at a time, so no more than one further half is read meanwhile
+    (memory holds at most `missing_batch` raw chunks) and batches reach the upload bodies in read order."""
+    image = make_disk("r" * 24, seed=55)
+    path = tmp_path / "overlap.img"
+    path.write_bytes(image)
+    batch = 4  # sent as halves of 2 chunks
+    async with SlowMissing(server.url, collector.token) as client:
+        client.events, client.progress = [], quiet()
+        source = FileSource(path, "vm-o")
+        with source.begin("vm-o") as b:
+            result = await run_backup(client, b, options=Options(missing_batch=batch, read_size=2 * MiB),
+                                      progress=client.progress)
+    events = client.events
+    assert [kind for kind, _ in events] == ["ask", "answer"] * 12  # never two halves in flight
+    half = batch // 2 * MiB
+    answers = [done for kind, done in events if kind == "answer"]
+    ahead = [done - n * half for n, done in enumerate(answers, 1)]  # read beyond the halves asked about so far
+    assert max(ahead) > 0  # the loop kept reading while a half was out
+    assert max(ahead) <= half  # ...but at most the next half
+    assert result.uploaded_chunks == 24 and result.disks[0].missing_chunks == 24
+    assert await restore(admin, result.point_id, "overlap.img") == image
+
+
 async def test_interrupted_backup_resumes_without_resending(tmp_path: Path, collector: Client,
                                                             admin: Client) -> None:
     image = make_disk("r" * 40, seed=53)
